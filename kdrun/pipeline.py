@@ -1,0 +1,241 @@
+"""The stage graph: which stages run, their cache keys, the cache, and its locks.
+
+A stage's output lives in ``<cache.dir>/<stage>/<key>/`` where ``key`` hashes the
+config slice the stage declares it reads plus the keys of the stages it
+consumes. It is computed in ``<key>.partial/`` (where an interrupted run's
+checkpoints survive, so re-running resumes), guarded by ``<key>.lock`` so that
+two processes never compute it twice, and renamed into place when complete.
+Nothing in the cache is ever overwritten in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import filelock
+from omegaconf import DictConfig, OmegaConf
+
+from kdrun import __version__
+from kdrun.config import to_container
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "stage.json"
+
+
+class PipelineError(ValueError):
+    """The pipeline cannot run as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """A completed stage: where its files are and what it reported."""
+
+    name: str
+    key: str
+    path: Path
+    summary: dict[str, Any]
+    cache: str  # "computed", "resumed", "hit" or "uncached"
+    seconds: float = 0.0
+
+
+StageRun = Callable[[DictConfig, dict[str, StageOutput], Path], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: a plain function plus what it reads and consumes.
+
+    ``reads``: dotted config paths that determine its output (the cache key).
+    ``requires``: stages that must run before it (their keys join its key).
+    ``consumes_model``: it takes the model of the last model-producing stage before it.
+    ``cached``: False for stages whose output belongs to the run (evaluation, reports).
+    ``version``: bump when the stage's code changes what it computes.
+    """
+
+    name: str
+    run: StageRun
+    reads: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
+    consumes_model: bool = False
+    produces_model: bool = False
+    cached: bool = True
+    check: Callable[[DictConfig], None] | None = None
+    version: str = "1"
+
+
+@dataclass
+class PlannedStage:
+    stage: Stage
+    inputs: list[str]
+    key: str
+    slice: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    _REGISTRY[stage.name] = stage
+    return stage
+
+
+def registered_stages() -> dict[str, Stage]:
+    import kdrun.stages  # noqa: F401  (registers the built-in stages)
+
+    return dict(_REGISTRY)
+
+
+def config_slice(cfg: DictConfig, paths: tuple[str, ...]) -> dict[str, Any]:
+    """The resolved values of ``paths``; what a stage's output depends on."""
+    values: dict[str, Any] = {}
+    for path in paths:
+        node = OmegaConf.select(cfg, path, throw_on_missing=True)
+        values[path] = to_container(node)
+    return values
+
+
+def stage_key(name: str, version: str, slice_: dict[str, Any], input_keys: dict[str, str]) -> str:
+    payload = json.dumps(
+        {"stage": name, "version": version, "config": slice_, "inputs": input_keys}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def plan(cfg: DictConfig) -> list[PlannedStage]:
+    """Check the stage list and compute every key, before any work is done."""
+    stages = registered_stages()
+    names = list(cfg.pipeline.stages)
+    unknown = [n for n in names if n not in stages]
+    if unknown:
+        raise PipelineError(
+            f"pipeline.stages names unknown stage(s) {unknown}; known stages: {sorted(stages)}."
+        )
+    for forced in cfg.cache.force:
+        if forced not in names:
+            raise PipelineError(f"cache.force names '{forced}', which is not in pipeline.stages {names}.")
+    planned: list[PlannedStage] = []
+    keys: dict[str, str] = {}
+    for position, name in enumerate(names):
+        stage = stages[name]
+        before = names[:position]
+        missing = [r for r in stage.requires if r not in before]
+        if missing:
+            raise PipelineError(f"Stage '{name}' needs {missing} to run before it in pipeline.stages ({names}).")
+        inputs = list(stage.requires)
+        if stage.consumes_model:
+            producers = [n for n in before if stages[n].produces_model]
+            if not producers:
+                raise PipelineError(f"Stage '{name}' needs a model-producing stage before it in pipeline.stages ({names}).")
+            inputs.append(producers[-1])
+        slice_ = config_slice(cfg, stage.reads)
+        keys[name] = stage_key(name, stage.version, slice_, {i: keys[i] for i in inputs})
+        planned.append(PlannedStage(stage, inputs, keys[name], slice_))
+    return planned
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    manifest = path / MANIFEST
+    return json.loads(manifest.read_text()) if manifest.is_file() else None
+
+
+class StageCache:
+    """``<root>/<stage>/<key>`` directories, computed under a lock and published by rename."""
+
+    def __init__(self, root: Path, lock_timeout: float | None = None):
+        self.root = root
+        self.lock_timeout = -1 if lock_timeout is None else lock_timeout
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def lookup(self, stage: str, key: str) -> dict[str, Any] | None:
+        return _read_manifest(self.path(stage, key))
+
+    def get_or_compute(
+        self, planned: PlannedStage, compute: Callable[[Path], dict[str, Any]], force: bool = False
+    ) -> StageOutput:
+        name, key = planned.stage.name, planned.key
+        final = self.path(name, key)
+        if not force and (manifest := self.lookup(name, key)) is not None:
+            return self._hit(planned, final, manifest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(final) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            logger.info("%s: another kdrun process is computing %s; waiting for it.", name, final)
+            lock.acquire(timeout=self.lock_timeout)
+        try:
+            if not force and (manifest := self.lookup(name, key)) is not None:
+                return self._hit(planned, final, manifest)
+            partial = Path(str(final) + ".partial")
+            resumed = partial.exists() and any(partial.iterdir())
+            if resumed:
+                logger.info("%s: resuming the interrupted computation in %s.", name, partial)
+            partial.mkdir(parents=True, exist_ok=True)
+            started = time.time()
+            summary = compute(partial)
+            seconds = time.time() - started
+            manifest = {
+                "stage": name,
+                "key": key,
+                "config": planned.slice,
+                "inputs": planned.inputs,
+                "summary": summary,
+                "seconds": seconds,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "host": socket.gethostname(),
+                "kdrun_version": __version__,
+            }
+            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+            if final.exists():  # forced: move the old output aside, publish, then delete it
+                retired = Path(f"{final}.replaced-{int(time.time())}")
+                final.rename(retired)
+                partial.rename(final)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                partial.rename(final)
+            return StageOutput(name, key, final, summary, "resumed" if resumed else "computed", seconds)
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _hit(planned: PlannedStage, final: Path, manifest: dict[str, Any]) -> StageOutput:
+        logger.info(
+            "%s: cache hit, reusing %s (computed %s in %.0f s).",
+            planned.stage.name, final, manifest.get("created", "?"), manifest.get("seconds", 0.0),
+        )
+        return StageOutput(planned.stage.name, planned.key, final, manifest.get("summary", {}), "hit")
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, StageOutput]:
+    """Run ``cfg.pipeline.stages`` in order, reusing cached outputs; returns every stage's output."""
+    planned = plan(cfg)
+    for step in planned:
+        if step.stage.check is not None:
+            step.stage.check(cfg)
+    cache = StageCache(Path(cfg.cache.dir).expanduser().resolve(), cfg.cache.lock_timeout)
+    outputs: dict[str, StageOutput] = {}
+    for step in planned:
+        inputs = {name: outputs[name] for name in step.inputs}
+        stage = step.stage
+        if stage.cached:
+            outputs[stage.name] = cache.get_or_compute(
+                step, lambda out, s=stage, i=inputs: s.run(cfg, i, out), force=stage.name in cfg.cache.force
+            )
+        else:
+            started = time.time()
+            summary = stage.run(cfg, inputs, run_dir)
+            outputs[stage.name] = StageOutput(stage.name, step.key, run_dir, summary, "uncached", time.time() - started)
+        logger.info("%s: done (%s).", stage.name, outputs[stage.name].cache)
+    return outputs

@@ -1,0 +1,73 @@
+"""Batched inference and dev-set scoring, shared by the training loop's periodic
+evaluation and the evaluate stage so that both report the very same numbers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from kdrun.data.batching import MODEL_INPUTS, sorted_eval_batches
+from kdrun.data.tasks import TaskSpec
+from kdrun.metrics import compute_metrics
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a BERT-family model's forward takes (drops labels and example ids)."""
+    return {k: (v.to(device) if device is not None else v) for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module,
+    features: datasets.Dataset,
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    batch_size: int,
+) -> np.ndarray:
+    """Logits for every row of ``features``, in row order (batches are length-sorted internally)."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    lengths = features["length"]
+    logits: list[np.ndarray | None] = [None] * len(features)
+    for indices in sorted_eval_batches(lengths, batch_size):
+        batch = collate([features[i] for i in indices])
+        output = model(**model_inputs(batch, device))
+        values = output.logits.float().cpu().numpy()
+        for row, index in enumerate(indices):
+            logits[index] = values[row]
+    model.train(was_training)
+    return np.stack(logits) if logits else np.zeros((0, 1), dtype=np.float32)
+
+
+def logits_to_predictions(task: TaskSpec, logits: np.ndarray) -> np.ndarray:
+    return logits[:, 0] if task.is_regression else logits.argmax(axis=-1)
+
+
+def score_dev_sets(
+    model: torch.nn.Module,
+    task: TaskSpec,
+    dev_sets: Mapping[str, datasets.Dataset],
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    batch_size: int,
+) -> dict[str, float]:
+    """Task metrics on each dev split; keys are ``<metric>`` for one split, ``<split>/<metric>`` for MNLI's two."""
+    scores: dict[str, float] = {}
+    for split, features in dev_sets.items():
+        predictions = logits_to_predictions(task, predict_logits(model, features, collate, batch_size))
+        metrics = compute_metrics(task, predictions, np.asarray(features["label"]))
+        prefix = f"{split}/" if len(dev_sets) > 1 else ""
+        scores.update({f"{prefix}{name}": value for name, value in metrics.items()})
+    return scores
+
+
+def main_metric_key(task: TaskSpec) -> str:
+    """The score that picks the best checkpoint (matched accuracy for MNLI)."""
+    return f"{task.eval_splits[0]}/{task.main_metric}" if len(task.eval_splits) > 1 else task.main_metric

@@ -1,0 +1,115 @@
+"""Stage evaluate: the final model's task metrics, size and speed.
+
+Takes the model of the last model-producing stage, scores it on every dev split
+with the task's metrics, counts its parameters and weight bytes, times forward
+passes on real dev inputs at each configured batch size, optionally writes the
+GLUE-submission files for the test split(s), and prints a table. Not cached:
+latency belongs to the machine the run is on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from kdrun.data.submission import write_glue_submission
+from kdrun.models.loading import count_parameters
+from kdrun.models.measure import median_latency_ms, size_on_disk
+from kdrun.pipeline import Stage, StageOutput, register
+from kdrun.predict import logits_to_predictions, main_metric_key, predict_logits, score_dev_sets
+from kdrun.stages import task_data
+from kdrun.train import get_accelerator
+
+logger = logging.getLogger(__name__)
+
+
+def _latency(model, tokenizer, texts_a: list[str], texts_b: list[str] | None, cfg: DictConfig, device) -> dict[str, Any]:
+    settings = cfg.evaluate
+    results: dict[str, Any] = {}
+    for batch_size in settings.latency_batch_sizes:
+        repeat = -(-batch_size // len(texts_a))
+        a = (texts_a * repeat)[:batch_size]
+        b = (texts_b * repeat)[:batch_size] if texts_b else None
+        inputs = tokenizer(
+            a, b, padding="max_length", truncation=True, max_length=settings.latency_seq_length, return_tensors="pt"
+        ).to(device)
+        ms = median_latency_ms(model, dict(inputs), settings.latency_warmup, settings.latency_repeats)
+        results[f"latency_ms_bs{batch_size}"] = round(ms, 3)
+        results[f"throughput_ex_per_s_bs{batch_size}"] = round(batch_size * 1000.0 / ms, 2)
+    return results
+
+
+def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+    task = task_data.task_of(cfg)
+    source = list(inputs.values())[-1]
+    model_dir = source.path / "model"
+    accelerator = get_accelerator(cfg.device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(accelerator.device).eval()
+    collate = task_data.collator(tokenizer, task)
+
+    dev_examples = task_data.dev_examples(cfg)
+    dev_sets = task_data.tokenized(dev_examples, tokenizer, cfg)
+    metrics = score_dev_sets(model, task, dev_sets, collate, cfg.evaluate.batch_size)
+    efficiency: dict[str, Any] = {
+        "parameters": count_parameters(model),
+        "size_on_disk_bytes": size_on_disk(model_dir),
+        "device": str(accelerator.device),
+        "latency_seq_length": cfg.evaluate.latency_seq_length,
+    }
+    if cfg.evaluate.measure_latency:
+        first = next(iter(dev_examples.values()))
+        texts_b = list(first["text_b"]) if task.is_pair else None
+        efficiency.update(_latency(model, tokenizer, list(first["text_a"]), texts_b, cfg, accelerator.device))
+
+    submissions: list[str] = []
+    if cfg.evaluate.predict_test:
+        for split, examples in task_data.test_examples(cfg).items():
+            features = task_data.tokenized({split: examples}, tokenizer, cfg)[split]
+            predictions = logits_to_predictions(task, predict_logits(model, features, collate, cfg.evaluate.batch_size))
+            path = write_glue_submission(task, split, list(examples["id"]), predictions, out_dir / "glue_submission")
+            submissions.append(str(path))
+
+    summary = {
+        "model_from": source.name,
+        "model_dir": str(model_dir),
+        "dev": metrics,
+        "main_metric": main_metric_key(task),
+        "main_score": metrics[main_metric_key(task)],
+        "dev_examples": {split: len(ds) for split, ds in dev_sets.items()},
+        "efficiency": efficiency,
+        "submissions": submissions,
+    }
+    print_summary(task.name, source.name, summary)
+    return summary
+
+
+def print_summary(task_name: str, model_from: str, summary: dict[str, Any]) -> None:
+    table = Table(title=f"{task_name}: {model_from} model")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in summary["dev"].items():
+        table.add_row(f"dev {name}", f"{100 * value:.2f}")
+    for name, value in summary["efficiency"].items():
+        table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))
+    for path in summary["submissions"]:
+        table.add_row("submission", path)
+    Console().print(table)
+
+
+STAGE = register(
+    Stage(
+        name="evaluate",
+        run=run,
+        check=lambda cfg: task_data.check_data_available(cfg),
+        reads=("task", "data.max_seq_length", "data.max_eval_examples", "data.sample_seed", "evaluate"),
+        consumes_model=True,
+        cached=False,
+    )
+)

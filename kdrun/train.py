@@ -1,0 +1,325 @@
+"""The one training loop that every kdrun stage uses.
+
+A stage describes *what* to train in a :class:`TrainingJob` (model, features, how
+to compute the loss, how to evaluate and save); this module owns *how*: device
+placement, mixed precision and DDP through accelerate, AdamW with linear warm-up
+and decay, gradient accumulation and clipping, length-grouped batches, periodic
+dev evaluation keeping the best model, and full-state checkpoints.
+
+Resumption: every ``checkpoint_every_steps`` optimizer steps the full state
+(model, optimizer, scheduler, every RNG, epoch and batch position, step, best
+score, history) is written to ``<work_dir>/checkpoint`` atomically. Running the
+same job again with the same ``work_dir`` (which is what re-running the same
+``kdrun`` command does) restores it and continues with exactly the batches that
+had not been trained on, so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import get_linear_schedule_with_warmup
+
+from kdrun.config import DeviceConfig, TrainConfig
+from kdrun.data.batching import EpochBatchSampler
+
+logger = logging.getLogger(__name__)
+
+LossOutput = torch.Tensor | tuple[torch.Tensor, dict[str, float]]
+
+# Test hook: the process kills itself (SIGKILL, like `kill -9`) right after this optimizer step.
+FAULT_ENV = "KDRUN_FAULT_AFTER_STEP"
+
+
+@dataclass
+class TrainingJob:
+    """What a stage asks the loop to train."""
+
+    model: torch.nn.Module
+    train_features: datasets.Dataset  # needs a ``length`` column
+    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    # (model, batch) -> loss, or (loss, {component name: value}) for logging.
+    compute_loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
+    # Writes a self-contained, loadable model directory (e.g. ``save_pretrained``).
+    save_model: Callable[[torch.nn.Module, Path], None]
+    # model -> dev metrics; None disables periodic evaluation and best-model selection.
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    best_metric: str | None = None
+    greater_is_better: bool = True
+    keep_best: bool = True
+    description: str = "train"
+
+
+@dataclass
+class TrainOutcome:
+    model_dir: Path  # the best model when evaluating, else the last
+    global_step: int
+    best_metrics: dict[str, float] | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    examples_per_second: float = 0.0
+    resumed_from_step: int = 0
+
+
+_ACCELERATORS: dict[tuple[str, str], Accelerator] = {}
+
+
+def resolve_mixed_precision(device: DeviceConfig, use_cpu: bool) -> str:
+    if device.mixed_precision != "auto":
+        return device.mixed_precision
+    if use_cpu or not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def get_accelerator(device: DeviceConfig) -> Accelerator:
+    """One accelerator per process and device setting (accelerate keeps process-wide state)."""
+    if device.type not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device.type must be auto, cpu or cuda, got '{device.type}'.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda was requested but no CUDA device is visible; use device=cpu or device=auto.")
+    use_cpu = device.type == "cpu" or not torch.cuda.is_available()
+    precision = resolve_mixed_precision(device, use_cpu)
+    key = ("cpu" if use_cpu else "cuda", precision)
+    if key not in _ACCELERATORS:
+        _ACCELERATORS[key] = Accelerator(cpu=use_cpu, mixed_precision=precision)
+    return _ACCELERATORS[key]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; call before building a model so its new heads are reproducible."""
+    set_seed(seed)
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm weights, as in BERT."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # The fused kernel (CPU and CUDA) makes the update of a 30k-row embedding table about 7x cheaper.
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, eps=cfg.adam_epsilon, fused=True)
+
+
+def planned_steps(num_batches_per_epoch: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for this process."""
+    updates_per_epoch = max(1, math.ceil(num_batches_per_epoch / cfg.grad_accum_steps))
+    total = max(1, math.ceil(cfg.epochs * updates_per_epoch))
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    return updates_per_epoch, total
+
+
+class _Checkpoints:
+    """Atomic full-state checkpoints in ``<work_dir>/checkpoint``."""
+
+    def __init__(self, accelerator: Accelerator, work_dir: Path):
+        self.accelerator = accelerator
+        self.current = work_dir / "checkpoint"
+        self.partial = work_dir / "checkpoint.partial"
+        self.previous = work_dir / "checkpoint.previous"
+
+    def latest(self) -> Path | None:
+        for candidate in (self.current, self.previous):
+            if (candidate / "progress.json").is_file():
+                return candidate
+        return None
+
+    def save(self, progress: dict[str, Any]) -> None:
+        accelerator = self.accelerator
+        if accelerator.is_main_process and self.partial.exists():
+            shutil.rmtree(self.partial)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(self.partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (self.partial / "progress.json").write_text(json.dumps(progress))
+            if self.current.exists():
+                if self.previous.exists():
+                    shutil.rmtree(self.previous)
+                self.current.rename(self.previous)
+            self.partial.rename(self.current)
+            if self.previous.exists():
+                shutil.rmtree(self.previous)
+        accelerator.wait_for_everyone()
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        self.accelerator.load_state(str(directory))
+        return json.loads((directory / "progress.json").read_text())
+
+    def remove(self) -> None:
+        if self.accelerator.is_main_process:
+            for path in (self.current, self.partial, self.previous):
+                if path.exists():
+                    shutil.rmtree(path)
+
+
+def _improved(value: float, best: float | None, greater_is_better: bool) -> bool:
+    if best is None:
+        return True
+    return value > best if greater_is_better else value < best
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[speed]:.1f} ex/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def train(job: TrainingJob, cfg: TrainConfig, device: DeviceConfig, work_dir: Path) -> TrainOutcome:
+    """Train ``job.model`` in ``work_dir``, resuming from a checkpoint found there."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = get_accelerator(device)
+    seed_everything(cfg.seed)
+
+    sampler = EpochBatchSampler(job.train_features["length"], cfg.batch_size, cfg.seed, cfg.group_by_length)
+    # Its own generator: iterating must not consume the global RNG that dropout draws from,
+    # or a resumed run would diverge from an uninterrupted one.
+    loader = torch.utils.data.DataLoader(
+        job.train_features, batch_sampler=sampler, collate_fn=job.collate, generator=torch.Generator()
+    )
+    optimizer = _optimizer(job.model, cfg)
+    model, optimizer, loader = accelerator.prepare(job.model, optimizer, loader)
+    updates_per_epoch, total_steps = planned_steps(len(loader), cfg)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    checkpoints = _Checkpoints(accelerator, work_dir)
+    best_dir = work_dir / "model"
+    fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_done": 0, "best": None, "best_metrics": None, "history": []}
+    found = checkpoints.latest()
+    if found is not None:
+        state = checkpoints.load(found)
+        logger.info("Resuming %s from step %d/%d (%s).", job.description, state["step"], total_steps, found)
+    resumed_from = state["step"]
+    eval_every = cfg.eval_every_steps or updates_per_epoch
+
+    def evaluate_and_keep_best() -> None:
+        if job.evaluate is None:
+            return
+        model.eval()
+        metrics = job.evaluate(accelerator.unwrap_model(model))
+        model.train()
+        record = {"step": state["step"], "epoch": state["epoch"], **{f"eval_{k}": v for k, v in metrics.items()}}
+        state["history"].append(record)
+        value = metrics[job.best_metric] if job.best_metric else None
+        logger.info("step %d: %s", state["step"], ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if job.keep_best and value is not None and _improved(value, state["best"], job.greater_is_better):
+            state["best"], state["best_metrics"] = value, {"step": state["step"], **metrics}
+            if accelerator.is_main_process:
+                _save_atomically(job.save_model, accelerator.unwrap_model(model), best_dir)
+            accelerator.wait_for_everyone()
+
+    model.train()
+    examples_seen, train_seconds, window_loss, window_count = 0, 0.0, 0.0, 0
+    progress = _progress_bar(accelerator.is_local_main_process)
+    with progress:
+        bar = progress.add_task(job.description, total=total_steps, completed=state["step"], loss=0.0, speed=0.0)
+        while state["step"] < total_steps:
+            sampler.set_epoch(state["epoch"])
+            epoch_loader = accelerator.skip_first_batches(loader, state["batches_done"]) if state["batches_done"] else loader
+            micro_batches_in_epoch = len(loader)
+            started = time.perf_counter()
+            for batch_index, batch in enumerate(epoch_loader, start=state["batches_done"]):
+                is_update = (batch_index + 1) % cfg.grad_accum_steps == 0 or batch_index + 1 == micro_batches_in_epoch
+                context = accelerator.no_sync(model) if not is_update else _null_context()
+                with context:
+                    output = job.compute_loss(model, batch)
+                    loss = output[0] if isinstance(output, tuple) else output
+                    accelerator.backward(loss / cfg.grad_accum_steps)
+                window_loss += float(loss.detach())
+                window_count += 1
+                examples_seen += int(batch["input_ids"].shape[0]) * accelerator.num_processes
+                state["batches_done"] = batch_index + 1
+                if not is_update:
+                    continue
+                if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                train_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                speed = examples_seen / max(train_seconds, 1e-9)
+                progress.update(bar, completed=state["step"], loss=window_loss / window_count, speed=speed)
+                if state["step"] % cfg.log_every_steps == 0:
+                    record = {"step": state["step"], "loss": window_loss / window_count, "lr": scheduler.get_last_lr()[0]}
+                    state["history"].append(record)
+                    logger.debug("step %d loss %.4f lr %.3g %.1f ex/s", record["step"], record["loss"], record["lr"], speed)
+                    window_loss, window_count = 0.0, 0
+                if state["step"] % eval_every == 0 or state["step"] == total_steps:
+                    evaluate_and_keep_best()
+                    started = time.perf_counter()
+                if state["step"] % cfg.checkpoint_every_steps == 0 and state["step"] < total_steps:
+                    checkpoints.save(state)
+                    started = time.perf_counter()
+                if fault_step and state["step"] == fault_step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if state["step"] >= total_steps:
+                    break
+            else:
+                state["epoch"] += 1
+                state["batches_done"] = 0
+
+    if state["best_metrics"] is None or not job.keep_best or not best_dir.exists():
+        if accelerator.is_main_process:
+            _save_atomically(job.save_model, accelerator.unwrap_model(model), best_dir)
+        accelerator.wait_for_everyone()
+    checkpoints.remove()
+    return TrainOutcome(
+        model_dir=best_dir,
+        global_step=state["step"],
+        best_metrics=state["best_metrics"],
+        history=state["history"],
+        train_seconds=train_seconds,
+        examples_per_second=examples_seen / train_seconds if train_seconds else 0.0,
+        resumed_from_step=resumed_from,
+    )
+
+
+class _null_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _save_atomically(save_model: Callable[[torch.nn.Module, Path], None], model: torch.nn.Module, target: Path) -> None:
+    partial = target.with_name(target.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    save_model(model, partial)
+    if target.exists():
+        shutil.rmtree(target)
+    partial.rename(target)
