@@ -1,0 +1,98 @@
+"""The config tree composes for every experiment and scale, and rejects mistakes before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from kdrun.cli import config_dir
+from kdrun.config import KdrunConfig, register_configs
+from kdrun.pipeline import PipelineError, plan
+
+CONF = Path(config_dir())
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+SCALES = sorted(p.stem for p in (CONF / "scale").glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_every_glue_task_has_a_teacher_experiment() -> None:
+    assert {f"teacher_{t}" for t in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")} <= set(EXPERIMENTS)
+    assert SCALES == ["cpu", "paper", "smoke"]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_validates_and_plans(experiment: str, scale: str) -> None:
+    cfg = _compose(f"experiment={experiment}", f"scale={scale}")
+    assert cfg.experiment_name == experiment
+    assert cfg.scale == scale
+    typed = OmegaConf.to_object(cfg)  # raises on any missing or ill-typed value
+    assert isinstance(typed, KdrunConfig)
+    stages = plan(cfg)
+    assert [s.stage.name for s in stages] == list(cfg.pipeline.stages)
+    assert all(len(s.key) == 16 for s in stages)
+
+
+def test_experiment_selects_its_task() -> None:
+    assert _compose("experiment=teacher_mrpc").task.name == "mrpc"
+    assert _compose("experiment=teacher_stsb", "scale=paper").finetune_teacher.train.learning_rate == 2e-5
+
+
+def test_misspelt_key_fails_naming_the_key() -> None:
+    with pytest.raises(ConfigCompositionException) as error:
+        _compose("experiment=teacher_sst2", "finetune_teacher.train.epoch=2")
+    message = str(error.value) + str(error.value.__cause__)
+    assert "Key 'epoch' not in 'TrainConfig'" in message
+    assert "finetune_teacher.train.epoch" in message
+
+
+def test_wrong_type_fails_naming_the_key() -> None:
+    with pytest.raises(ConfigCompositionException) as error:
+        _compose("experiment=teacher_sst2", "finetune_teacher.train.batch_size=many")
+    message = str(error.value) + str(error.value.__cause__)
+    assert "finetune_teacher.train.batch_size" in message
+
+
+def test_unknown_stage_and_misplaced_stage_fail_at_plan_time() -> None:
+    with pytest.raises(PipelineError, match="unknown stage"):
+        plan(_compose("pipeline.stages=[finetune_teacher,evaluat]"))
+    with pytest.raises(PipelineError, match="model-producing stage"):
+        plan(_compose("pipeline.stages=[evaluate]"))
+    with pytest.raises(PipelineError, match="cache.force"):
+        plan(_compose("cache.force=[augment]"))
+
+
+def test_keys_follow_exactly_what_a_stage_reads() -> None:
+    base = {s.stage.name: s.key for s in plan(_compose("experiment=teacher_sst2"))}
+    evaluate_changed = {s.stage.name: s.key for s in plan(_compose("experiment=teacher_sst2", "evaluate.latency_repeats=3"))}
+    lr_changed = {s.stage.name: s.key for s in plan(_compose("experiment=teacher_sst2", "finetune_teacher.train.learning_rate=1e-4"))}
+    device_changed = {s.stage.name: s.key for s in plan(_compose("experiment=teacher_sst2", "device=cpu"))}
+    assert evaluate_changed["finetune_teacher"] == base["finetune_teacher"]
+    assert evaluate_changed["evaluate"] != base["evaluate"]
+    assert lr_changed["finetune_teacher"] != base["finetune_teacher"]
+    assert lr_changed["evaluate"] != base["evaluate"]  # consumes the teacher's key
+    assert device_changed == base
+
+
+def test_cli_prints_resolved_config(run_kdrun) -> None:
+    result = run_kdrun("experiment=teacher_cola", "scale=smoke", "--cfg", "job")
+    printed = OmegaConf.create(result.stdout)
+    assert printed.task.name == "cola"
+    assert printed.experiment_name == "teacher_cola"
+    assert printed.finetune_teacher.train.max_steps == 4
+
+
+def test_cli_misspelt_key_is_a_clear_error(run_kdrun) -> None:
+    result = run_kdrun("experiment=teacher_sst2", "finetune_teacher.train.epoch=2", check=False)
+    assert result.returncode != 0
+    assert "Key 'epoch' not in 'TrainConfig'" in result.stderr
+    assert "full_key: finetune_teacher.train.epoch" in result.stderr
