@@ -64,8 +64,9 @@ def main(cfg: DictConfig) -> float | None:
         logger.error("%s", error)
         sys.exit(2)
     record = build_results(cfg, outputs, list(hydra_cfg.overrides.task))
-    path = write_results(record, run_dir)
-    logger.info("Results written to %s", path)
+    if int(os.environ.get("RANK", "0")) == 0:  # under DDP every rank runs the pipeline; one writes
+        path = write_results(record, run_dir)
+        logger.info("Results written to %s", path)
     return record.get("main_score")
 
 

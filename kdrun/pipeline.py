@@ -149,11 +149,19 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
 
 
 class StageCache:
-    """``<root>/<stage>/<key>`` directories, computed under a lock and published by rename."""
+    """``<root>/<stage>/<key>`` directories, computed under a lock and published by rename.
 
-    def __init__(self, root: Path, lock_timeout: float | None = None):
+    Under DDP (``accelerate launch`` / ``torchrun``) every rank runs the same
+    pipeline: the main rank takes the lock and decides hit or compute, all ranks
+    compute together (the training loop shards the batches), and the main rank
+    publishes. ``group`` is anything with accelerate's ``num_processes``,
+    ``is_main_process`` and ``wait_for_everyone``; None means a single process.
+    """
+
+    def __init__(self, root: Path, lock_timeout: float | None = None, group: Any = None):
         self.root = root
         self.lock_timeout = -1 if lock_timeout is None else lock_timeout
+        self.group = group
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -161,34 +169,68 @@ class StageCache:
     def lookup(self, stage: str, key: str) -> dict[str, Any] | None:
         return _read_manifest(self.path(stage, key))
 
+    @property
+    def _distributed(self) -> bool:
+        return self.group is not None and self.group.num_processes > 1
+
+    @property
+    def _is_main(self) -> bool:
+        return self.group is None or self.group.is_main_process
+
+    def _agree(self, decision: str) -> str:
+        """Every rank adopts the main rank's decision."""
+        if not self._distributed:
+            return decision
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([decision])[0]
+
     def get_or_compute(
         self, planned: PlannedStage, compute: Callable[[Path], dict[str, Any]], force: bool = False
     ) -> StageOutput:
         name, key = planned.stage.name, planned.key
         final = self.path(name, key)
-        if not force and (manifest := self.lookup(name, key)) is not None:
-            return self._hit(planned, final, manifest)
-        final.parent.mkdir(parents=True, exist_ok=True)
         lock = filelock.FileLock(str(final) + ".lock")
+        decision = "compute"
+        if self._is_main:
+            if not force and self.lookup(name, key) is not None:
+                decision = "hit"
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                self._acquire(lock, name, final)
+                if not force and self.lookup(name, key) is not None:
+                    decision = "hit"
+                    lock.release()
+        decision = self._agree(decision)
+        if decision == "hit":
+            return self._hit(planned, final, self.lookup(name, key) or {})
+        try:
+            return self._compute(planned, compute, final)
+        finally:
+            if self._is_main:
+                lock.release()
+
+    def _acquire(self, lock: filelock.FileLock, name: str, final: Path) -> None:
         try:
             lock.acquire(timeout=0)
         except filelock.Timeout:
             logger.info("%s: another kdrun process is computing %s; waiting for it.", name, final)
             lock.acquire(timeout=self.lock_timeout)
-        try:
-            if not force and (manifest := self.lookup(name, key)) is not None:
-                return self._hit(planned, final, manifest)
-            partial = Path(str(final) + ".partial")
-            resumed = partial.exists() and any(partial.iterdir())
-            if resumed:
-                logger.info("%s: resuming the interrupted computation in %s.", name, partial)
-            partial.mkdir(parents=True, exist_ok=True)
-            started = time.time()
-            summary = compute(partial)
-            seconds = time.time() - started
+
+    def _compute(self, planned: PlannedStage, compute: Callable[[Path], dict[str, Any]], final: Path) -> StageOutput:
+        name = planned.stage.name
+        partial = Path(str(final) + ".partial")
+        resumed = partial.exists() and any(partial.iterdir())
+        if resumed:
+            logger.info("%s: resuming the interrupted computation in %s.", name, partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        summary = compute(partial)
+        seconds = time.time() - started
+        if self._is_main:
             manifest = {
                 "stage": name,
-                "key": key,
+                "key": planned.key,
                 "config": planned.slice,
                 "inputs": planned.inputs,
                 "summary": summary,
@@ -205,9 +247,9 @@ class StageCache:
                 shutil.rmtree(retired, ignore_errors=True)
             else:
                 partial.rename(final)
-            return StageOutput(name, key, final, summary, "resumed" if resumed else "computed", seconds)
-        finally:
-            lock.release()
+        if self._distributed:
+            self.group.wait_for_everyone()
+        return StageOutput(name, planned.key, final, summary, "resumed" if resumed else "computed", seconds)
 
     @staticmethod
     def _hit(planned: PlannedStage, final: Path, manifest: dict[str, Any]) -> StageOutput:
@@ -224,7 +266,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, StageOutput]:
     for step in planned:
         if step.stage.check is not None:
             step.stage.check(cfg)
-    cache = StageCache(Path(cfg.cache.dir).expanduser().resolve(), cfg.cache.lock_timeout)
+    from kdrun.train import get_accelerator
+
+    group = get_accelerator(cfg.device)
+    cache = StageCache(Path(cfg.cache.dir).expanduser().resolve(), cfg.cache.lock_timeout, group)
     outputs: dict[str, StageOutput] = {}
     for step in planned:
         inputs = {name: outputs[name] for name in step.inputs}

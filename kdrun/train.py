@@ -275,7 +275,9 @@ def train(job: TrainingJob, cfg: TrainConfig, device: DeviceConfig, work_dir: Pa
                 if state["step"] % cfg.log_every_steps == 0:
                     record = {"step": state["step"], "loss": window_loss / window_count, "lr": scheduler.get_last_lr()[0]}
                     state["history"].append(record)
-                    logger.debug("step %d loss %.4f lr %.3g %.1f ex/s", record["step"], record["loss"], record["lr"], speed)
+                    # On a terminal the progress bar shows this; in a log file (nohup, CI, SLURM) a line does.
+                    log = logger.debug if progress.console.is_terminal else logger.info
+                    log("step %d/%d loss %.4f lr %.3g %.1f ex/s", record["step"], total_steps, record["loss"], record["lr"], speed)
                     window_loss, window_count = 0.0, 0
                 if state["step"] % eval_every == 0 or state["step"] == total_steps:
                     evaluate_and_keep_best()

@@ -21,13 +21,6 @@ from kdrun.data.glue import (
 from kdrun.data.submission import write_glue_submission
 from kdrun.data.tasks import TASKS, UnknownTaskError, get_task
 
-GLUE_DIR = Path(
-    os.environ.get("GLUE_DIR") or Path(__file__).resolve().parents[2] / "shared/data/glue"
-)
-needs_glue = pytest.mark.skipif(
-    not GLUE_DIR.is_dir(),
-    reason=f"real GLUE data not found at {GLUE_DIR} (set GLUE_DIR to a GLUE-layout directory)",
-)
 
 
 def _write(root: Path, task_dir: str, split: str, text: str) -> Path:
@@ -72,17 +65,14 @@ EXPECTED_ROWS = {
 
 
 @pytest.fixture(scope="module")
-def real() -> dict[tuple[str, str], datasets.Dataset]:
-    if not GLUE_DIR.is_dir():
-        pytest.skip(f"real GLUE data not found at {GLUE_DIR}")
+def real(glue_dir: Path) -> dict[tuple[str, str], datasets.Dataset]:
     return {
-        (t, s): load_glue_split(get_task(t), s, str(GLUE_DIR))
+        (t, s): load_glue_split(get_task(t), s, str(glue_dir))
         for t in EXPECTED_ROWS
         for s in ("train", "dev", "test")
     }
 
 
-@needs_glue
 @pytest.mark.parametrize("task", sorted(EXPECTED_ROWS))
 def test_real_row_counts_and_schema(real, task: str) -> None:
     for split, n in zip(("train", "dev", "test"), EXPECTED_ROWS[task]):
@@ -94,7 +84,6 @@ def test_real_row_counts_and_schema(real, task: str) -> None:
         assert list(ids) == list(range(n))  # position / test index: stable cache keys
 
 
-@needs_glue
 @pytest.mark.parametrize("task", ["sst2", "cola", "mrpc"])
 def test_real_binary_label_sets(real, task: str) -> None:
     for split in ("train", "dev"):
@@ -104,7 +93,6 @@ def test_real_binary_label_sets(real, task: str) -> None:
     assert set(real[(task, "test")]["label"][:]) == {-1}
 
 
-@needs_glue
 def test_real_stsb_scores(real) -> None:
     for split in ("train", "dev"):
         ds = real[("stsb", split)]
@@ -116,7 +104,6 @@ def test_real_stsb_scores(real) -> None:
     assert np.isnan(np.asarray(real[("stsb", "test")]["label"][:], dtype=np.float64)).all()
 
 
-@needs_glue
 def test_real_first_rows(real) -> None:
     # SST-2 keeps its trailing space (same as the hub copy).
     assert real[("sst2", "dev")][0] == {
@@ -154,7 +141,6 @@ def test_real_first_rows(real) -> None:
     assert real[("sst2", "test")][0]["text_a"] == "uneasy mishmash of styles and genres ."
 
 
-@needs_glue
 def test_real_mrpc_unbalanced_quote_row_intact(real) -> None:
     # File line 79 opens a quote in both sentences and never closes it; with CSV
     # quoting enabled this would swallow the following lines.
@@ -168,17 +154,8 @@ def test_real_mrpc_unbalanced_quote_row_intact(real) -> None:
     assert min(len(t) for t in real[("mrpc", "train")]["text_b"][:]) > 0
 
 
-@needs_glue
-def test_real_sst2_train_is_fast() -> None:
-    start = time.perf_counter()
-    ds = load_glue_split(get_task("sst2"), "train", str(GLUE_DIR))
-    assert len(ds) == 67_349
-    assert time.perf_counter() - start < 2.0
-
-
-@needs_glue
-def test_glue_dir_env_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GLUE_DIR", str(GLUE_DIR))
+def test_glue_dir_env_fallback(glue_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLUE_DIR", str(glue_dir))
     assert len(load_glue_split(get_task("mrpc"), "dev", None)) == 408
 
 

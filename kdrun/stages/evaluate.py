@@ -86,7 +86,8 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         "efficiency": efficiency,
         "submissions": submissions,
     }
-    print_summary(task.name, source.name, summary)
+    if accelerator.is_main_process:
+        print_summary(task.name, source.name, summary)
     return summary
 
 
