@@ -106,7 +106,8 @@ class TrainConfig:
     grad_accum_steps: int = 1
     max_grad_norm: float = 1.0
     adam_epsilon: float = 1e-6
-    # Evaluate on dev every N optimizer steps and keep the best checkpoint; null = once per epoch.
+    # Evaluate on dev every N optimizer steps, at the end of every epoch and at the last step,
+    # keeping the best checkpoint; null = only at epoch ends and the last step.
     eval_every_steps: Optional[int] = None
     # Full-state checkpoint for resumption every N optimizer steps.
     checkpoint_every_steps: int = 100

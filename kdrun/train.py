@@ -16,6 +16,7 @@ had not been trained on, so the result equals an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -194,127 +195,168 @@ def _progress_bar(enabled: bool) -> Progress:
     )
 
 
-def train(job: TrainingJob, cfg: TrainConfig, device: DeviceConfig, work_dir: Path) -> TrainOutcome:
-    """Train ``job.model`` in ``work_dir``, resuming from a checkpoint found there."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = get_accelerator(device)
-    seed_everything(cfg.seed)
+class _TrainingLoop:
+    """One call of :func:`train`: the prepared objects, the resumable ``state`` and the loop over it.
 
-    sampler = EpochBatchSampler(job.train_features["length"], cfg.batch_size, cfg.seed, cfg.group_by_length)
-    # Its own generator: iterating must not consume the global RNG that dropout draws from,
-    # or a resumed run would diverge from an uninterrupted one.
-    loader = torch.utils.data.DataLoader(
-        job.train_features, batch_sampler=sampler, collate_fn=job.collate, generator=torch.Generator()
-    )
-    optimizer = _optimizer(job.model, cfg)
-    model, optimizer, loader = accelerator.prepare(job.model, optimizer, loader)
-    updates_per_epoch, total_steps = planned_steps(len(loader), cfg)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
-    accelerator.register_for_checkpointing(scheduler)
-    checkpoints = _Checkpoints(accelerator, work_dir)
-    best_dir = work_dir / "model"
-    fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+    ``state`` (step, epoch, batches done in the epoch, best score, history) is
+    all that a checkpoint adds to the model, optimizer, scheduler and RNG states.
+    """
 
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_done": 0, "best": None, "best_metrics": None, "history": []}
-    found = checkpoints.latest()
-    if found is not None:
-        state = checkpoints.load(found)
-        logger.info("Resuming %s from step %d/%d (%s).", job.description, state["step"], total_steps, found)
-    resumed_from = state["step"]
-    eval_every = cfg.eval_every_steps or updates_per_epoch
+    def __init__(self, job: TrainingJob, cfg: TrainConfig, device: DeviceConfig, work_dir: Path):
+        work_dir.mkdir(parents=True, exist_ok=True)
+        self.job, self.cfg = job, cfg
+        self.accelerator = get_accelerator(device)
+        seed_everything(cfg.seed)
+        self.sampler = EpochBatchSampler(job.train_features["length"], cfg.batch_size, cfg.seed, cfg.group_by_length)
+        # Its own generator: iterating must not consume the global RNG that dropout draws from,
+        # or a resumed run would diverge from an uninterrupted one.
+        loader = torch.utils.data.DataLoader(
+            job.train_features, batch_sampler=self.sampler, collate_fn=job.collate, generator=torch.Generator()
+        )
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(job.model, _optimizer(job.model, cfg), loader)
+        self.updates_per_epoch, self.total_steps = planned_steps(len(self.loader), cfg)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, round(cfg.warmup_ratio * self.total_steps), self.total_steps
+        )
+        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.checkpoints = _Checkpoints(self.accelerator, work_dir)
+        self.model_dir = work_dir / "model"
+        self.eval_every = cfg.eval_every_steps  # None: only at the end of each epoch
+        self.last_eval_step = -1
+        self.fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+        self.state: dict[str, Any] = {
+            "step": 0, "epoch": 0, "batches_done": 0, "best": None, "best_metrics": None, "history": []
+        }
+        found = self.checkpoints.latest()
+        if found is not None:
+            self.state = self.checkpoints.load(found)
+            logger.info("Resuming %s from step %d/%d (%s).", job.description, self.state["step"], self.total_steps, found)
+        self.resumed_from = self.state["step"]
+        # The position that matches the weights: micro-batches accumulated since the last update don't count.
+        self.consistent_batches_done = self.state["batches_done"]
+        self.updating = False
+        self.examples_seen, self.train_seconds = 0, 0.0
+        self.window_loss, self.window_count = 0.0, 0
+        self.progress = _progress_bar(self.accelerator.is_local_main_process)
+        self.bar: Any = None
 
-    def evaluate_and_keep_best() -> None:
+    def run(self) -> TrainOutcome:
+        self.model.train()
+        try:
+            with self.progress:
+                self.bar = self.progress.add_task(
+                    self.job.description, total=self.total_steps, completed=self.state["step"], loss=0.0, speed=0.0
+                )
+                while self.state["step"] < self.total_steps:
+                    self._epoch()
+        except KeyboardInterrupt:
+            self._save_on_interrupt()
+            raise
+        if self.state["best_metrics"] is None or not self.job.keep_best or not self.model_dir.exists():
+            self._save_model()
+        self.checkpoints.remove()
+        return TrainOutcome(
+            model_dir=self.model_dir,
+            global_step=self.state["step"],
+            best_metrics=self.state["best_metrics"],
+            history=self.state["history"],
+            train_seconds=self.train_seconds,
+            examples_per_second=self.examples_seen / self.train_seconds if self.train_seconds else 0.0,
+            resumed_from_step=self.resumed_from,
+        )
+
+    def _epoch(self) -> None:
+        state, cfg, accelerator = self.state, self.cfg, self.accelerator
+        self.sampler.set_epoch(state["epoch"])
+        skip = state["batches_done"]
+        batches = accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+        started = time.perf_counter()
+        for batch_index, batch in enumerate(batches, start=skip):
+            is_update = (batch_index + 1) % cfg.grad_accum_steps == 0 or batch_index + 1 == len(self.loader)
+            with accelerator.no_sync(self.model) if not is_update else contextlib.nullcontext():
+                output = self.job.compute_loss(self.model, batch)
+                loss = output[0] if isinstance(output, tuple) else output
+                accelerator.backward(loss / cfg.grad_accum_steps)
+            self.window_loss += float(loss.detach())
+            self.window_count += 1
+            self.examples_seen += int(batch["input_ids"].shape[0]) * accelerator.num_processes
+            state["batches_done"] = batch_index + 1
+            if not is_update:
+                continue
+            self._update()
+            self.train_seconds += time.perf_counter() - started
+            self._after_update()
+            started = time.perf_counter()
+            if state["step"] >= self.total_steps:
+                return
+        state["epoch"] += 1
+        state["batches_done"] = self.consistent_batches_done = 0
+        if self.last_eval_step != state["step"]:  # every epoch ends with an evaluation
+            self._evaluate_and_keep_best()
+
+    def _update(self) -> None:
+        self.updating = True
+        if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] += 1
+        self.consistent_batches_done = self.state["batches_done"]
+        self.updating = False
+
+    def _after_update(self) -> None:
+        """Progress, logging, evaluation and checkpoints: everything that is not training time."""
+        state, cfg = self.state, self.cfg
+        step = state["step"]
+        speed = self.examples_seen / max(self.train_seconds, 1e-9)
+        loss = self.window_loss / max(self.window_count, 1)
+        self.progress.update(self.bar, completed=step, loss=loss, speed=speed)
+        if step % cfg.log_every_steps == 0:
+            state["history"].append({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            # On a terminal the progress bar shows this; in a log file (nohup, CI, SLURM) a line does.
+            log = logger.debug if self.progress.console.is_terminal else logger.info
+            log("step %d/%d loss %.4f lr %.3g %.1f ex/s", step, self.total_steps, loss, self.scheduler.get_last_lr()[0], speed)
+            self.window_loss, self.window_count = 0.0, 0
+        if (self.eval_every and step % self.eval_every == 0) or step == self.total_steps:
+            self._evaluate_and_keep_best()
+        if step % cfg.checkpoint_every_steps == 0 and step < self.total_steps:
+            self.checkpoints.save(state)
+        if self.fault_step and step == self.fault_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _evaluate_and_keep_best(self) -> None:
+        job, state = self.job, self.state
         if job.evaluate is None:
             return
-        model.eval()
-        metrics = job.evaluate(accelerator.unwrap_model(model))
-        model.train()
-        record = {"step": state["step"], "epoch": state["epoch"], **{f"eval_{k}": v for k, v in metrics.items()}}
-        state["history"].append(record)
-        value = metrics[job.best_metric] if job.best_metric else None
+        self.last_eval_step = state["step"]
+        self.model.eval()
+        metrics = job.evaluate(self.accelerator.unwrap_model(self.model))
+        self.model.train()
+        state["history"].append({"step": state["step"], "epoch": state["epoch"], **{f"eval_{k}": v for k, v in metrics.items()}})
         logger.info("step %d: %s", state["step"], ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        value = metrics[job.best_metric] if job.best_metric else None
         if job.keep_best and value is not None and _improved(value, state["best"], job.greater_is_better):
             state["best"], state["best_metrics"] = value, {"step": state["step"], **metrics}
-            if accelerator.is_main_process:
-                _save_atomically(job.save_model, accelerator.unwrap_model(model), best_dir)
-            accelerator.wait_for_everyone()
+            self._save_model()
 
-    model.train()
-    examples_seen, train_seconds, window_loss, window_count = 0, 0.0, 0.0, 0
-    progress = _progress_bar(accelerator.is_local_main_process)
-    with progress:
-        bar = progress.add_task(job.description, total=total_steps, completed=state["step"], loss=0.0, speed=0.0)
-        while state["step"] < total_steps:
-            sampler.set_epoch(state["epoch"])
-            epoch_loader = accelerator.skip_first_batches(loader, state["batches_done"]) if state["batches_done"] else loader
-            micro_batches_in_epoch = len(loader)
-            started = time.perf_counter()
-            for batch_index, batch in enumerate(epoch_loader, start=state["batches_done"]):
-                is_update = (batch_index + 1) % cfg.grad_accum_steps == 0 or batch_index + 1 == micro_batches_in_epoch
-                context = accelerator.no_sync(model) if not is_update else _null_context()
-                with context:
-                    output = job.compute_loss(model, batch)
-                    loss = output[0] if isinstance(output, tuple) else output
-                    accelerator.backward(loss / cfg.grad_accum_steps)
-                window_loss += float(loss.detach())
-                window_count += 1
-                examples_seen += int(batch["input_ids"].shape[0]) * accelerator.num_processes
-                state["batches_done"] = batch_index + 1
-                if not is_update:
-                    continue
-                if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                train_seconds += time.perf_counter() - started
-                started = time.perf_counter()
-                speed = examples_seen / max(train_seconds, 1e-9)
-                progress.update(bar, completed=state["step"], loss=window_loss / window_count, speed=speed)
-                if state["step"] % cfg.log_every_steps == 0:
-                    record = {"step": state["step"], "loss": window_loss / window_count, "lr": scheduler.get_last_lr()[0]}
-                    state["history"].append(record)
-                    # On a terminal the progress bar shows this; in a log file (nohup, CI, SLURM) a line does.
-                    log = logger.debug if progress.console.is_terminal else logger.info
-                    log("step %d/%d loss %.4f lr %.3g %.1f ex/s", record["step"], total_steps, record["loss"], record["lr"], speed)
-                    window_loss, window_count = 0.0, 0
-                if state["step"] % eval_every == 0 or state["step"] == total_steps:
-                    evaluate_and_keep_best()
-                    started = time.perf_counter()
-                if state["step"] % cfg.checkpoint_every_steps == 0 and state["step"] < total_steps:
-                    checkpoints.save(state)
-                    started = time.perf_counter()
-                if fault_step and state["step"] == fault_step:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if state["step"] >= total_steps:
-                    break
-            else:
-                state["epoch"] += 1
-                state["batches_done"] = 0
+    def _save_model(self) -> None:
+        if self.accelerator.is_main_process:
+            _save_atomically(self.job.save_model, self.accelerator.unwrap_model(self.model), self.model_dir)
+        self.accelerator.wait_for_everyone()
 
-    if state["best_metrics"] is None or not job.keep_best or not best_dir.exists():
-        if accelerator.is_main_process:
-            _save_atomically(job.save_model, accelerator.unwrap_model(model), best_dir)
-        accelerator.wait_for_everyone()
-    checkpoints.remove()
-    return TrainOutcome(
-        model_dir=best_dir,
-        global_step=state["step"],
-        best_metrics=state["best_metrics"],
-        history=state["history"],
-        train_seconds=train_seconds,
-        examples_per_second=examples_seen / train_seconds if train_seconds else 0.0,
-        resumed_from_step=resumed_from,
-    )
+    def _save_on_interrupt(self) -> None:
+        """Ctrl-C between updates keeps the progress made since the last periodic checkpoint."""
+        if self.updating:
+            return
+        self.state["batches_done"] = self.consistent_batches_done
+        self.checkpoints.save(self.state)
+        logger.warning("Interrupted at step %d: state saved; run the same command again to resume.", self.state["step"])
 
 
-class _null_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def train(job: TrainingJob, cfg: TrainConfig, device: DeviceConfig, work_dir: Path) -> TrainOutcome:
+    """Train ``job.model`` in ``work_dir``, resuming from a checkpoint found there."""
+    return _TrainingLoop(job, cfg, device, work_dir).run()
 
 
 def _save_atomically(save_model: Callable[[torch.nn.Module, Path], None], model: torch.nn.Module, target: Path) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +141,53 @@ def test_real_minilm_teacher_learns_sst2(run_kdrun, glue_dir, tmp_path) -> None:
     results = _results(tmp_path)
     assert results["stages"]["finetune_teacher"]["summary"]["steps"] == 94
     assert results["metrics"]["accuracy"] > 0.75
+
+
+def _write_mnli(root: Path) -> Path:
+    """A small MNLI in the GLUE layout: train has one annotator label, dev five, gold label last."""
+    directory = root / "MNLI"
+    directory.mkdir(parents=True)
+    labels = ["entailment", "neutral", "contradiction"]
+    head = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+            "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]
+
+    def rows(n: int, annotators: int) -> list[str]:
+        out = []
+        for i in range(n):
+            gold = labels[i % 3]
+            fields = [str(i), str(i), f"{i}e", "fiction", "(x)", "(y)", "(X)", "(Y)",
+                      f"The cat number {i} sat on the mat.", f"A cat {['sat', 'slept', 'ran'][i % 3]} there."]
+            out.append("\t".join(fields + [gold] * annotators + [gold]))
+        return out
+
+    train_head = head + ["label1", "gold_label"]
+    dev_head = head + [f"label{k}" for k in range(1, 6)] + ["gold_label"]
+    (directory / "train.tsv").write_text("\n".join(["\t".join(train_head), *rows(48, 1)]) + "\n")
+    for split in ("dev_matched", "dev_mismatched"):
+        (directory / f"{split}.tsv").write_text("\n".join(["\t".join(dev_head), *rows(30, 5)]) + "\n")
+    return root
+
+
+def test_mnli_reports_matched_and_mismatched(run_kdrun, tiny_bert_dir, tmp_path) -> None:
+    glue = _write_mnli(tmp_path / "glue")
+    run_kdrun("experiment=teacher_mnli", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue}", *TINY_RUN)
+    results = _results(tmp_path)
+    assert set(results["metrics"]) == {"dev_matched/accuracy", "dev_mismatched/accuracy"}
+    assert results["main_metric"] == "dev_matched/accuracy"
+    assert results["stages"]["evaluate"]["summary"]["dev_examples"] == {"dev_matched": 30, "dev_mismatched": 30}
+
+
+def test_ddp_with_two_cpu_processes(tiny_bert_dir, glue_dir, tmp_path) -> None:
+    """`torchrun --nproc_per_node 2`: both ranks train together (gloo) and one writes the results."""
+    environment = {**os.environ, "KDRUN_CACHE_DIR": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "kdrun.cli",
+        "experiment=teacher_sst2", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", *TINY_RUN,
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["stages"]["finetune_teacher"]["cache"] == "computed"
+    assert results["stages"]["finetune_teacher"]["summary"]["steps"] == 4
+    assert len(list((tmp_path / "cache" / "finetune_teacher").glob("*/model/model.safetensors"))) == 1
