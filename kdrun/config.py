@@ -39,9 +39,37 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    """The compressed model; ``none`` until a distillation recipe selects one."""
+    """The compressed model. ``bert`` students have the shape below and the teacher's vocabulary.
+
+    ``init``: ``random``, or a model directory / hub id to start from. When a
+    ``general_distill`` stage runs earlier in the pipeline, task distillation
+    starts from its output instead.
+    """
 
     name: str = "none"
+    init: str = "random"
+    num_hidden_layers: int = 4
+    hidden_size: int = 312
+    intermediate_size: int = 1200
+    num_attention_heads: int = 12
+
+
+@dataclass
+class LossWeightsConfig:
+    """Weight of each TinyBERT loss term; 0 removes the term and what only it needs."""
+
+    embedding: float = 1.0
+    attention: float = 1.0
+    hidden: float = 1.0
+    prediction: float = 1.0
+
+
+@dataclass
+class LayerMappingConfig:
+    """n = g(m): ``uniform``, ``top``, ``bottom``, or ``list`` with one teacher layer per student layer."""
+
+    kind: str = "uniform"
+    layers: Optional[list[int]] = None
 
 
 @dataclass
@@ -49,6 +77,15 @@ class DistillConfig:
     """Loss terms and weights of a distillation recipe; ``none`` for teacher-only runs."""
 
     name: str = "none"
+    weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
+    temperature: float = 1.0
+    scale_by_t2: bool = False
+    # Attention loss on pre-softmax ``scores`` (TinyBERT) or post-softmax ``probs``.
+    attention_target: str = "scores"
+    mapping: LayerMappingConfig = field(default_factory=LayerMappingConfig)
+    # ``teacher``: the prediction step distils the teacher's logits; ``labels``: plain
+    # cross-entropy on the gold labels (TinyBERT Table 3, "w/o Pred").
+    prediction_target: str = "teacher"
 
 
 @dataclass
@@ -89,6 +126,9 @@ class DataConfig:
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
     sample_seed: int = 0
+    # Plain-text corpus for general distillation: one paragraph per line, a blank line
+    # between documents (BERT's pre-training layout). A file or a directory of .txt files.
+    corpus: Optional[str] = "${oc.env:KDRUN_CORPUS,null}"
 
 
 @dataclass
@@ -126,6 +166,35 @@ class FinetuneTeacherConfig:
 
 
 @dataclass
+class GeneralDistillConfig:
+    """Stage general_distill: TinyBERT's task-agnostic distillation on a plain-text corpus."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Weights for this stage (the prediction layer has no part in it); kept apart from
+    # ``distill.weights`` so that task-distillation ablations reuse one general student.
+    weights: LossWeightsConfig = field(default_factory=lambda: LossWeightsConfig(embedding=1.0, attention=1.0, hidden=1.0, prediction=0.0))
+    max_seq_length: int = 128
+    # Cap on packed corpus sequences (null = the whole corpus).
+    max_sequences: Optional[int] = None
+
+
+@dataclass
+class DistillStepConfig:
+    enabled: bool = True
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class TaskDistillConfig:
+    """Stage task_distill: step 1 distils the intermediate layers, step 2 the prediction layer."""
+
+    intermediate: DistillStepConfig = field(default_factory=DistillStepConfig)
+    prediction: DistillStepConfig = field(default_factory=DistillStepConfig)
+    # Keep the step-2 checkpoint with the best dev score (else the last one).
+    keep_best: bool = True
+
+
+@dataclass
 class EvaluateConfig:
     """Stage evaluate: task metrics plus size and speed of the final model."""
 
@@ -158,6 +227,8 @@ class CacheConfig:
 @dataclass
 class KdrunConfig:
     experiment_name: str = "default"
+    # Which row of an ablation table this run is (conf/ablation); ``none`` = the full recipe.
+    ablation: str = "none"
     scale: str = MISSING
     task: TaskConfig = field(default_factory=TaskConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -168,6 +239,8 @@ class KdrunConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     finetune_teacher: FinetuneTeacherConfig = field(default_factory=FinetuneTeacherConfig)
+    general_distill: GeneralDistillConfig = field(default_factory=GeneralDistillConfig)
+    task_distill: TaskDistillConfig = field(default_factory=TaskDistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

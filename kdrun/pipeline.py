@@ -57,6 +57,8 @@ class Stage:
 
     ``reads``: dotted config paths that determine its output (the cache key).
     ``requires``: stages that must run before it (their keys join its key).
+    ``uses``: stages it takes when they run before it (e.g. task distillation starts
+    from general distillation's student when there is one), else goes without.
     ``consumes_model``: it takes the model of the last model-producing stage before it.
     ``cached``: False for stages whose output belongs to the run (evaluation, reports).
     ``version``: bump when the stage's code changes what it computes.
@@ -66,6 +68,7 @@ class Stage:
     run: StageRun
     reads: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
+    uses: tuple[str, ...] = ()
     consumes_model: bool = False
     produces_model: bool = False
     cached: bool = True
@@ -131,7 +134,7 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
         missing = [r for r in stage.requires if r not in before]
         if missing:
             raise PipelineError(f"Stage '{name}' needs {missing} to run before it in pipeline.stages ({names}).")
-        inputs = list(stage.requires)
+        inputs = list(stage.requires) + [u for u in stage.uses if u in before]
         if stage.consumes_model:
             producers = [n for n in before if stages[n].produces_model]
             if not producers:

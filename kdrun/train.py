@@ -237,6 +237,7 @@ class _TrainingLoop:
         self.updating = False
         self.examples_seen, self.train_seconds = 0, 0.0
         self.window_loss, self.window_count = 0.0, 0
+        self.window_terms: dict[str, float] = {}  # loss components, for distillation objectives
         self.progress = _progress_bar(self.accelerator.is_local_main_process)
         self.bar: Any = None
 
@@ -275,10 +276,12 @@ class _TrainingLoop:
             is_update = (batch_index + 1) % cfg.grad_accum_steps == 0 or batch_index + 1 == len(self.loader)
             with accelerator.no_sync(self.model) if not is_update else contextlib.nullcontext():
                 output = self.job.compute_loss(self.model, batch)
-                loss = output[0] if isinstance(output, tuple) else output
+                loss, terms = output if isinstance(output, tuple) else (output, {})
                 accelerator.backward(loss / cfg.grad_accum_steps)
             self.window_loss += float(loss.detach())
             self.window_count += 1
+            for name, value in terms.items():
+                self.window_terms[name] = self.window_terms.get(name, 0.0) + value
             self.examples_seen += int(batch["input_ids"].shape[0]) * accelerator.num_processes
             state["batches_done"] = batch_index + 1
             if not is_update:
@@ -313,11 +316,12 @@ class _TrainingLoop:
         loss = self.window_loss / max(self.window_count, 1)
         self.progress.update(self.bar, completed=step, loss=loss, speed=speed)
         if step % cfg.log_every_steps == 0:
-            state["history"].append({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            terms = {name: total / max(self.window_count, 1) for name, total in self.window_terms.items() if name != "total"}
+            state["history"].append({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], **terms})
             # On a terminal the progress bar shows this; in a log file (nohup, CI, SLURM) a line does.
             log = logger.debug if self.progress.console.is_terminal else logger.info
             log("step %d/%d loss %.4f lr %.3g %.1f ex/s", step, self.total_steps, loss, self.scheduler.get_last_lr()[0], speed)
-            self.window_loss, self.window_count = 0.0, 0
+            self.window_loss, self.window_count, self.window_terms = 0.0, 0, {}
         if (self.eval_every and step % self.eval_every == 0) or step == self.total_steps:
             self._evaluate_and_keep_best()
         if step % cfg.checkpoint_every_steps == 0 and step < self.total_steps:

@@ -1,0 +1,118 @@
+"""Plain-text corpora for general distillation, packed into fixed-length sequences.
+
+The layout is BERT's pre-training text: one paragraph per line, documents
+separated by blank lines. Text is read line by line and tokenised in chunks,
+and the packed sequences are written to an on-disk Arrow dataset through
+``datasets.Dataset.from_generator``, so memory stays flat whatever the size of
+the corpus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+
+class CorpusNotFound(FileNotFoundError):
+    """No corpus was configured, or the configured path has no text."""
+
+
+def corpus_files(corpus: str | None) -> list[Path]:
+    """The text files of ``corpus`` (a file, or a directory searched for ``*.txt``), checked."""
+    if not corpus:
+        raise CorpusNotFound(
+            "General distillation needs a plain-text corpus (one paragraph per line, a blank line "
+            "between documents), and none is configured. Set data.corpus=/path/to/corpus.txt (a file "
+            "or a directory of .txt files) or export KDRUN_CORPUS=/path/to/corpus.txt; in this "
+            "workspace a Wikipedia slice is at ../shared/data/wiki/enwiki-slice.txt."
+        )
+    path = Path(corpus).expanduser()
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
+    if not files:
+        raise CorpusNotFound(f"data.corpus={corpus} is neither a text file nor a directory containing .txt files.")
+    return files
+
+
+def _paragraph_chunks(files: list[Path], chunk_lines: int) -> Iterator[list[str | None]]:
+    """Paragraphs in order, ``None`` marking a document boundary, in chunks for batched tokenising."""
+    chunk: list[str | None] = []
+    for path in files:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                text = line.strip()
+                chunk.append(text or None)
+                if len(chunk) >= chunk_lines:
+                    yield chunk
+                    chunk = []
+        chunk.append(None)
+    if chunk:
+        yield chunk
+
+
+def packed_sequences(
+    files: list[Path],
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    max_sequences: int | None = None,
+    chunk_lines: int = 2000,
+) -> Iterator[dict[str, Any]]:
+    """``[CLS] tokens [SEP]`` sequences of up to ``max_seq_length`` tokens, filled greedily
+    within a document (a sequence never spans two documents); documents shorter than a
+    sequence give one shorter sequence."""
+    body = max_seq_length - 2
+    buffer: list[int] = []
+    produced = 0
+
+    def emit(tokens: list[int]) -> dict[str, Any]:
+        ids = [tokenizer.cls_token_id, *tokens, tokenizer.sep_token_id]
+        return {"id": produced, "input_ids": ids, "token_type_ids": [0] * len(ids), "attention_mask": [1] * len(ids), "length": len(ids)}
+
+    for chunk in _paragraph_chunks(files, chunk_lines):
+        texts = [t for t in chunk if t is not None]
+        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        for item in chunk:
+            if item is None:  # document boundary: flush what is left of the document
+                if buffer:
+                    yield emit(buffer)
+                    produced += 1
+                    buffer = []
+            else:
+                buffer.extend(next(encoded))
+            while len(buffer) >= body:
+                yield emit(buffer[:body])
+                produced += 1
+                buffer = buffer[body:]
+            if max_sequences is not None and produced >= max_sequences:
+                return
+    if buffer and (max_sequences is None or produced < max_sequences):
+        yield emit(buffer)
+
+
+def corpus_dataset(
+    corpus: str | None,
+    tokenizer: PreTrainedTokenizerBase,
+    max_seq_length: int,
+    max_sequences: int | None,
+    cache_dir: Path,
+) -> datasets.Dataset:
+    """The packed corpus as a memory-mapped Arrow dataset under ``cache_dir``."""
+    files = corpus_files(corpus)
+    features = datasets.Features(
+        {
+            "id": datasets.Value("int64"),
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "token_type_ids": datasets.Sequence(datasets.Value("int8")),
+            "attention_mask": datasets.Sequence(datasets.Value("int8")),
+            "length": datasets.Value("int32"),
+        }
+    )
+    return datasets.Dataset.from_generator(
+        packed_sequences,
+        gen_kwargs={"files": files, "tokenizer": tokenizer, "max_seq_length": max_seq_length, "max_sequences": max_sequences},
+        features=features,
+        cache_dir=str(cache_dir),
+    )

@@ -1,0 +1,143 @@
+"""Training-time wiring of the TinyBERT objective: what the optimizer trains, and the loss of a batch.
+
+Shared by general distillation and both steps of task distillation so that the
+three differ only in their data, weights and teacher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdrun.distill.losses import ObjectiveConfig, TinyBertObjective, WidthProjections
+from kdrun.distill.mapping import LayerMapping
+from kdrun.models.capture import CapturedOutputs, forward_with_capture
+from kdrun.predict import model_inputs
+
+PROJECTIONS_FILE = "projections.safetensors"
+
+
+class StudentWithProjections(nn.Module):
+    """The student plus the learnable width maps W_h / W_e of the hidden and embedding losses.
+
+    Both train together, so they are one module for the optimizer, DDP and checkpoints;
+    the student's forward runs inside this module's forward so that DDP sees it.
+    """
+
+    def __init__(self, student: nn.Module, projections: WidthProjections):
+        super().__init__()
+        self.student = student
+        self.projections = projections
+
+    def forward(self, inputs: Mapping[str, torch.Tensor], request: Mapping[str, Any] | None = None, labels: torch.Tensor | None = None) -> Any:
+        if request is None:
+            return self.student(**inputs, labels=labels)
+        return forward_with_capture(self.student, dict(inputs), **request)
+
+    def save_projections(self, directory: Path) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in self.projections.state_dict().items()}
+        if state:
+            save_file(state, str(directory / PROJECTIONS_FILE))
+
+    def load_projections(self, directory: Path) -> bool:
+        """Continue with the maps learnt in general distillation when their shapes fit."""
+        path = directory / PROJECTIONS_FILE
+        if not path.is_file():
+            return False
+        state = load_file(str(path))
+        own = self.projections.state_dict()
+        if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
+            return False
+        self.projections.load_state_dict(state)
+        return True
+
+
+def objective_from_config(
+    distill: Any, weights: Mapping[str, float], student_config: Any, teacher_config: Any
+) -> tuple[TinyBertObjective, WidthProjections]:
+    """The objective for one training step (weights differ per step) and its width projections."""
+    projections = WidthProjections(
+        student_config.hidden_size, teacher_config.hidden_size, student_config.num_hidden_layers, shared=True
+    )
+    config = ObjectiveConfig.from_mapping(
+        {
+            "weights": dict(weights),
+            "temperature": float(distill.temperature),
+            "scale_by_t2": bool(distill.scale_by_t2),
+            "attention_target": str(distill.attention_target),
+            "mapping": LayerMapping(kind=str(distill.mapping.kind), layers=distill.mapping.layers),
+        }
+    )
+    objective = TinyBertObjective(
+        config, student_config.num_hidden_layers, teacher_config.num_hidden_layers, projections
+    )
+    return objective, projections
+
+
+def tinybert_loss(
+    teacher: nn.Module,
+    objective: TinyBertObjective,
+    is_regression: bool,
+    cached_teacher_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast: Callable[[], Any] | None = None,
+) -> Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]:
+    """``compute_loss`` for the training loop.
+
+    The teacher runs under inference mode and is asked only for what the active
+    terms read (mapped layers' scores, hidden states, logits). When the teacher's
+    logits are the only thing needed and ``cached_teacher_logits`` is given
+    (prediction-layer step), the teacher does not run at all.
+    """
+    teacher_request = objective.capture_request(student=False)
+    student_request = objective.capture_request(student=True)
+    needs_teacher_forward = bool(
+        teacher_request["attention_layers"] or teacher_request["hidden_layers"] or teacher_request["want_embeddings"]
+    ) or (teacher_request["want_logits"] and cached_teacher_logits is None)
+    if cached_teacher_logits is not None:
+        teacher_request = {**teacher_request, "want_logits": False}
+
+    def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = model_inputs(batch)
+        teacher_out = CapturedOutputs()
+        if needs_teacher_forward:
+            with torch.inference_mode(), (autocast() if autocast else contextlib.nullcontext()):
+                teacher_out = forward_with_capture(teacher, inputs, **teacher_request)
+        if cached_teacher_logits is not None:
+            teacher_out.logits = cached_teacher_logits(batch["example_id"])
+        student_out = model(inputs, student_request)
+        return objective(student_out, teacher_out, batch["attention_mask"], is_regression)
+
+    return compute_loss
+
+
+class TeacherLogits:
+    """The teacher's logits on a training set, computed once and looked up by example id.
+
+    Keyed by id, never by batch order, so shuffled, length-grouped or resumed
+    batches always get their own example's logits.
+    """
+
+    def __init__(self, ids: torch.Tensor, logits: torch.Tensor):
+        self.logits = logits
+        self.row_of = {int(i): row for row, i in enumerate(ids.tolist())}
+        if len(self.row_of) != len(ids):
+            raise ValueError("example ids are not unique; teacher logits cannot be keyed by them.")
+
+    def __call__(self, example_ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.tensor([self.row_of[int(i)] for i in example_ids.tolist()], dtype=torch.long)
+        return self.logits[rows].to(example_ids.device)
+
+    def save(self, path: Path) -> None:
+        ids = torch.tensor(sorted(self.row_of, key=self.row_of.get), dtype=torch.long)
+        save_file({"ids": ids, "logits": self.logits.contiguous()}, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> TeacherLogits:
+        tensors = load_file(str(path))
+        return cls(tensors["ids"], tensors["logits"])

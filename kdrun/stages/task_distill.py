@@ -1,0 +1,183 @@
+"""Stage task_distill: TinyBERT's task-specific distillation, in its two steps.
+
+Step 1 distils the intermediate layers (embeddings, attention scores, hidden
+states) of the fine-tuned teacher into the student on the (augmented) training
+set; step 2 distils the prediction layer (soft cross-entropy on the teacher's
+logits, MSE for regression, or plain cross-entropy on gold labels for the
+"w/o Pred" ablation). The student starts from general distillation's output
+when that stage runs before this one, else from ``student.init``. The teacher's
+logits for step 2 are computed once, keyed by example id, and kept in the
+stage directory. Output: ``model/``, the student with its task head (best dev
+checkpoint of step 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits, objective_from_config, tinybert_loss
+from kdrun.models.loading import load_for_sequence_classification, load_model_config
+from kdrun.models.students import student_bert_config, student_for_task
+from kdrun.pipeline import Stage, StageOutput, register
+from kdrun.predict import main_metric_key, model_inputs, predict_logits, score_dev_sets
+from kdrun.stages import task_data
+from kdrun.train import TrainingJob, TrainOutcome, get_accelerator, seed_everything, train
+
+PREDICTION_TARGETS = ("teacher", "labels")
+
+
+def check(cfg: DictConfig) -> None:
+    if cfg.distill.prediction_target not in PREDICTION_TARGETS:
+        raise ValueError(f"distill.prediction_target must be one of {PREDICTION_TARGETS}, got '{cfg.distill.prediction_target}'.")
+    steps = cfg.task_distill
+    if not (steps.intermediate.enabled or steps.prediction.enabled):
+        raise ValueError("task_distill has both steps disabled; enable task_distill.intermediate or task_distill.prediction.")
+    teacher_config = load_model_config(cfg.teacher.path, cfg.teacher.revision)
+    student_config = student_bert_config(cfg.student, teacher_config)
+    if steps.intermediate.enabled:
+        objective_from_config(cfg.distill, _intermediate_weights(cfg), student_config, teacher_config)
+    task_data.check_data_available(cfg)
+
+
+def _intermediate_weights(cfg: DictConfig) -> dict[str, float]:
+    weights = cfg.distill.weights
+    return {"embedding": weights.embedding, "attention": weights.attention, "hidden": weights.hidden, "prediction": 0.0}
+
+
+def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+    task = task_data.task_of(cfg)
+    accelerator = get_accelerator(cfg.device)
+    teacher, tokenizer = load_for_sequence_classification(str(inputs["finetune_teacher"].path / "model"), task)
+    teacher.to(accelerator.device).eval().requires_grad_(False)
+    general = inputs.get("general_distill")
+    init_from = general.path / "model" if general is not None else cfg.student.init
+    seed_everything(cfg.task_distill.intermediate.train.seed)
+    student = student_for_task(cfg.student, teacher.config, task, init_from)
+    collate = task_data.collator(tokenizer, task)
+    train_set = task_data.tokenized({"train": task_data.train_examples(cfg)}, tokenizer, cfg)["train"]
+    dev_sets = task_data.tokenized(task_data.dev_examples(cfg), tokenizer, cfg)
+    summary: dict[str, Any] = {"model_dir": "model", "train_examples": len(train_set), "init": str(init_from)}
+
+    def save_student(model: torch.nn.Module, directory: Path) -> None:
+        model.student.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        model.save_projections(directory)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        return score_dev_sets(model.student, task, dev_sets, collate, cfg.task_distill.prediction.train.eval_batch_size)
+
+    step_dir = out_dir / "step1_intermediate"
+    if cfg.task_distill.intermediate.enabled:
+        objective, projections = objective_from_config(cfg.distill, _intermediate_weights(cfg), student.config, teacher.config)
+        wrapper = StudentWithProjections(student, projections)
+        if general is not None:
+            summary["projections_from_general"] = wrapper.load_projections(general.path / "model")
+        outcome = _train_once(
+            TrainingJob(
+                model=wrapper,
+                train_features=train_set,
+                collate=collate,
+                compute_loss=tinybert_loss(teacher, objective, task.is_regression, autocast=accelerator.autocast),
+                save_model=save_student,
+                keep_best=False,
+                description=f"task_distill step 1 {task.name}",
+            ),
+            cfg.task_distill.intermediate.train,
+            cfg.device,
+            step_dir,
+        )
+        summary["intermediate"] = _step_summary(outcome)
+        student = student_for_task(cfg.student, teacher.config, task, outcome.model_dir)
+
+    if cfg.task_distill.prediction.enabled:
+        prediction_weights = {"embedding": 0.0, "attention": 0.0, "hidden": 0.0, "prediction": 1.0}
+        objective, projections = objective_from_config(cfg.distill, prediction_weights, student.config, teacher.config)
+        if cfg.distill.prediction_target == "teacher":
+            logits = _teacher_logits(teacher, train_set, collate, cfg, out_dir / "teacher_logits.safetensors")
+            compute_loss = tinybert_loss(teacher, objective, task.is_regression, cached_teacher_logits=logits)
+        else:
+            def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                return model(model_inputs(batch), labels=batch["labels"]).loss
+
+        seed_everything(cfg.task_distill.prediction.train.seed)
+        outcome = _train_once(
+            TrainingJob(
+                model=StudentWithProjections(student, projections),
+                train_features=train_set,
+                collate=collate,
+                compute_loss=compute_loss,
+                save_model=save_student,
+                evaluate=evaluate,
+                best_metric=main_metric_key(task),
+                keep_best=cfg.task_distill.keep_best,
+                description=f"task_distill step 2 {task.name}",
+            ),
+            cfg.task_distill.prediction.train,
+            cfg.device,
+            out_dir / "step2_prediction",
+        )
+        summary["prediction"] = _step_summary(outcome)
+        summary["best_dev"] = outcome.best_metrics
+    outcome.model_dir.rename(out_dir / "model")
+    summary["parameters"] = sum(p.numel() for p in student.parameters())
+    return summary
+
+
+def _train_once(job: TrainingJob, settings: DictConfig, device: DictConfig, step_dir: Path) -> TrainOutcome:
+    """Train one step, or take its result when an interrupted run of this stage already finished it."""
+    done = step_dir / "outcome.json"
+    if done.is_file():
+        return TrainOutcome(**{**json.loads(done.read_text()), "model_dir": step_dir / "model"})
+    outcome = train(job, settings, device, step_dir)
+    record = {k: v for k, v in dataclasses.asdict(outcome).items() if k != "model_dir"}
+    done.write_text(json.dumps(record, default=str))
+    return outcome
+
+
+def _teacher_logits(teacher, train_set, collate, cfg: DictConfig, path: Path) -> TeacherLogits:
+    """Computed once per stage output (and kept there, so a resumed run does not recompute them)."""
+    if path.is_file():
+        return TeacherLogits.load(path)
+    logits = predict_logits(teacher, train_set, collate, cfg.task_distill.prediction.train.eval_batch_size)
+    table = TeacherLogits(torch.tensor(train_set["id"]), torch.from_numpy(logits))
+    table.save(path)
+    return table
+
+
+def _step_summary(outcome: TrainOutcome) -> dict[str, Any]:
+    return {
+        "steps": outcome.global_step,
+        "resumed_from_step": outcome.resumed_from_step,
+        "best_dev": outcome.best_metrics,
+        "train_seconds": round(outcome.train_seconds, 2),
+        "examples_per_second": round(outcome.examples_per_second, 2),
+        "history": outcome.history,
+    }
+
+
+STAGE = register(
+    Stage(
+        name="task_distill",
+        run=run,
+        check=check,
+        reads=(
+            "task",
+            "student",
+            "distill",
+            "data.max_seq_length",
+            "data.max_train_examples",
+            "data.max_eval_examples",
+            "data.sample_seed",
+            "task_distill",
+        ),
+        requires=("finetune_teacher",),
+        uses=("general_distill",),
+        produces_model=True,
+    )
+)

@@ -1,0 +1,135 @@
+"""TinyBERT wiring: student shapes, corpus packing, teacher-logit lookup, and the pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from transformers import BertConfig
+
+from kdrun.data.corpus import packed_sequences
+from kdrun.distill.losses import WidthProjections
+from kdrun.distill.tinybert import TeacherLogits
+from kdrun.models.students import new_general_student, student_bert_config
+
+from test_config import _compose
+
+TINY_STUDENT = (
+    "student.num_hidden_layers=2",
+    "student.hidden_size=24",
+    "student.num_attention_heads=2",
+    "student.intermediate_size=48",
+)
+
+
+def test_tinybert4_has_the_papers_parameter_count() -> None:
+    bert_base = BertConfig()  # vocab 30522, 512 positions, hidden 768
+    student_cfg = _compose("student=tinybert4").student
+    student = new_general_student(student_cfg, bert_base)
+    assert (student.config.num_hidden_layers, student.config.hidden_size, student.config.intermediate_size) == (4, 312, 1200)
+    embeddings = 30522 * 312 + 512 * 312 + 2 * 312 + 2 * 312
+    layer = 4 * (312 * 312 + 312) + 2 * 312 + (312 * 1200 + 1200) + (1200 * 312 + 312) + 2 * 312
+    pooler = 312 * 312 + 312
+    encoder = sum(p.numel() for p in student.parameters())
+    assert encoder == embeddings + 4 * layer + pooler == 14_350_248
+    # The paper's 14.5M counts the learnt map W_h (312 -> 768) too.
+    fit_dense = sum(p.numel() for p in WidthProjections(312, 768, 4).parameters())
+    assert encoder + fit_dense == 14_590_632
+
+
+def test_student_takes_the_teachers_vocabulary() -> None:
+    teacher = BertConfig(vocab_size=1234, max_position_embeddings=77, type_vocab_size=3)
+    config = student_bert_config(OmegaConf.create({"num_hidden_layers": 2, "hidden_size": 24, "intermediate_size": 48, "num_attention_heads": 2}), teacher)
+    assert (config.vocab_size, config.max_position_embeddings, config.type_vocab_size) == (1234, 77, 3)
+
+
+class _WordTokenizer:
+    """One token per word, ids = word lengths: enough to check packing exactly."""
+
+    cls_token_id, sep_token_id = 101, 102
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [[len(w) for w in t.split()] for t in texts]}
+
+
+def test_corpus_packing_respects_documents_and_length(tmp_path: Path) -> None:
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a bb ccc dddd\neeeee\n\nf gg\n\nhhh\n")
+    sequences = list(packed_sequences([corpus], _WordTokenizer(), max_seq_length=5, chunk_lines=2))
+    assert [s["input_ids"] for s in sequences] == [
+        [101, 1, 2, 3, 102],  # document 1, first 3 tokens
+        [101, 4, 5, 102],  # the rest of document 1 (never spans into document 2)
+        [101, 1, 2, 102],
+        [101, 3, 102],
+    ]
+    assert [s["id"] for s in sequences] == [0, 1, 2, 3]
+    assert all(s["attention_mask"] == [1] * s["length"] for s in sequences)
+    assert len(list(packed_sequences([corpus], _WordTokenizer(), max_seq_length=5, max_sequences=2))) == 2
+
+
+def test_teacher_logits_follow_example_ids_through_shuffled_batches(tmp_path: Path) -> None:
+    ids = torch.tensor([40, 10, 30, 20])
+    logits = torch.tensor([[4.0, -4.0], [1.0, -1.0], [3.0, -3.0], [2.0, -2.0]])
+    table = TeacherLogits(ids, logits)
+    assert table(torch.tensor([20, 40])).tolist() == [[2.0, -2.0], [4.0, -4.0]]
+    table.save(tmp_path / "t.safetensors")
+    reloaded = TeacherLogits.load(tmp_path / "t.safetensors")
+    shuffled = torch.tensor([30, 10, 20, 40])
+    assert torch.equal(reloaded(shuffled), torch.tensor([[3.0, -3.0], [1.0, -1.0], [2.0, -2.0], [4.0, -4.0]]))
+
+
+def _results(cwd: Path) -> dict:
+    [path] = list((cwd / "outputs" / "runs").rglob("results.json"))
+    return json.loads(path.read_text())
+
+
+def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"The film number {i} was a good one and people liked it a lot." for i in range(60)) + "\n")
+    (tmp_path / "run").mkdir()
+    run_kdrun(
+        "experiment=tinybert_mrpc", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}",
+        f"data.glue_dir={glue_dir}", f"data.corpus={corpus}", *TINY_STUDENT, "evaluate.latency_repeats=1",
+        cwd=tmp_path / "run",
+    )
+    results = _results(tmp_path / "run")
+    stages = results["stages"]
+    assert list(stages) == ["finetune_teacher", "general_distill", "task_distill", "evaluate"]
+    general = stages["general_distill"]["summary"]
+    assert general["steps"] == 2 and general["corpus_sequences"] == 32  # capped by max_sequences
+    task = stages["task_distill"]["summary"]
+    assert task["init"] == str(tmp_path / "cache" / "general_distill" / stages["general_distill"]["key"] / "model")
+    assert task["projections_from_general"] is True
+    assert task["intermediate"]["steps"] == 3 and task["prediction"]["steps"] == 3
+    assert set(results["metrics"]) == {"f1", "accuracy"}
+    assert stages["evaluate"]["summary"]["model_from"] == "task_distill"
+    assert results["efficiency"]["parameters"] == task["parameters"]
+    [logits_file] = list((tmp_path / "cache" / "task_distill").glob("*/teacher_logits.safetensors"))
+    table = TeacherLogits.load(logits_file)
+    assert len(table.row_of) == 64 and table.logits.shape == (64, 2)
+
+    # An ablation of task distillation reuses the teacher and the general student.
+    (tmp_path / "ablation").mkdir()
+    run_kdrun(
+        "experiment=tinybert_mrpc", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}",
+        f"data.glue_dir={glue_dir}", f"data.corpus={corpus}", *TINY_STUDENT, "evaluate.latency_repeats=1",
+        "ablation=no_attn", cwd=tmp_path / "ablation",
+    )
+    ablated = _results(tmp_path / "ablation")["stages"]
+    assert (ablated["finetune_teacher"]["cache"], ablated["general_distill"]["cache"], ablated["task_distill"]["cache"]) == ("hit", "hit", "computed")
+    full_terms = task["intermediate"]["history"][0]
+    ablated_terms = ablated["task_distill"]["summary"]["intermediate"]["history"][0]
+    assert {"embedding", "attention", "hidden"} <= set(full_terms)
+    assert {"embedding", "hidden"} <= set(ablated_terms) and "attention" not in ablated_terms
+
+
+def test_ablations_compose_into_the_right_pipelines() -> None:
+    assert list(_compose("experiment=tinybert_sst2", "ablation=no_gd").pipeline.stages) == ["finetune_teacher", "task_distill", "evaluate"]
+    no_td = _compose("experiment=tinybert_sst2", "ablation=no_td")
+    assert no_td.task_distill.intermediate.enabled is False and no_td.distill.prediction_target == "labels"
+    no_trm = _compose("experiment=tinybert_sst2", "ablation=no_trm").distill.weights
+    assert (no_trm.embedding, no_trm.attention, no_trm.hidden) == (1.0, 0.0, 0.0)
+    assert _compose("experiment=tinybert_sst2", "ablation=map_top").distill.mapping.kind == "top"
+    assert _compose("experiment=tinybert_sst2", "ablation=no_embd").ablation == "no_embd"
