@@ -38,12 +38,17 @@ def _quiet_libraries() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from kdrun.data.corpus import CorpusNotFound
     from kdrun.data.glue import GlueDataNotFound, GlueFormatError
     from kdrun.data.tasks import UnknownTaskError
+    from kdrun.distill.mapping import LayerMappingError
     from kdrun.models.loading import ModelSetupError
     from kdrun.pipeline import PipelineError
 
-    return (GlueDataNotFound, GlueFormatError, ModelSetupError, PipelineError, UnknownTaskError)
+    return (
+        CorpusNotFound, GlueDataNotFound, GlueFormatError, LayerMappingError, ModelSetupError, PipelineError,
+        UnknownTaskError,
+    )
 
 
 register_configs()

@@ -133,3 +133,13 @@ def test_ablations_compose_into_the_right_pipelines() -> None:
     assert (no_trm.embedding, no_trm.attention, no_trm.hidden) == (1.0, 0.0, 0.0)
     assert _compose("experiment=tinybert_sst2", "ablation=map_top").distill.mapping.kind == "top"
     assert _compose("experiment=tinybert_sst2", "ablation=no_embd").ablation == "no_embd"
+
+
+def test_impossible_distillation_settings_fail_before_training(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> None:
+    common = ("experiment=tinybert_sst2", "scale=smoke", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", *TINY_STUDENT)
+    mapping = run_kdrun(*common, "distill.mapping.kind=list", "distill.mapping.layers=[1]", "data.corpus=/nowhere", check=False)
+    assert mapping.returncode == 2 and "distill.mapping" in mapping.stdout + mapping.stderr
+    corpus = run_kdrun(*common, "data.corpus=null", env={"KDRUN_CORPUS": ""}, check=False)
+    output = corpus.stdout + corpus.stderr
+    assert corpus.returncode == 2 and "data.corpus=" in output and "KDRUN_CORPUS" in output and "Traceback" not in output
+    assert not (tmp_path / "cache" / "finetune_teacher").exists()  # nothing trained

@@ -21,7 +21,7 @@ from kdrun.data.corpus import corpus_dataset, corpus_files
 from kdrun.distill.tinybert import StudentWithProjections, objective_from_config, tinybert_loss
 from kdrun.models.loading import check_tokenizer_matches, load_model_config, load_tokenizer, resolve_model_path
 from kdrun.models.students import new_general_student, student_bert_config
-from kdrun.pipeline import Stage, StageOutput, register
+from kdrun.pipeline import PipelineError, Stage, StageOutput, register
 from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
 
 
@@ -29,7 +29,10 @@ def check(cfg: DictConfig) -> None:
     teacher_config = load_model_config(cfg.teacher.path, cfg.teacher.revision)
     check_tokenizer_matches(load_tokenizer(cfg.teacher.path, cfg.teacher.revision), teacher_config, cfg.teacher.path)
     student_config = student_bert_config(cfg.student, teacher_config)
-    objective_from_config(cfg.distill, cfg.general_distill.weights, student_config, teacher_config)
+    try:
+        objective_from_config(cfg.distill, cfg.general_distill.weights, student_config, teacher_config)
+    except ValueError as error:  # weights, mapping or attention target that cannot work
+        raise PipelineError(f"general_distill: {error}") from error
     corpus_files(cfg.data.corpus)
 
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits, objective_from_config, tinybert_loss
 from kdrun.models.loading import load_for_sequence_classification, load_model_config
 from kdrun.models.students import student_bert_config, student_for_task
-from kdrun.pipeline import Stage, StageOutput, register
+from kdrun.pipeline import PipelineError, Stage, StageOutput, register
 from kdrun.predict import main_metric_key, model_inputs, predict_logits, score_dev_sets
 from kdrun.stages import task_data
 from kdrun.train import TrainingJob, TrainOutcome, get_accelerator, seed_everything, train
@@ -34,14 +34,17 @@ PREDICTION_TARGETS = ("teacher", "labels")
 
 def check(cfg: DictConfig) -> None:
     if cfg.distill.prediction_target not in PREDICTION_TARGETS:
-        raise ValueError(f"distill.prediction_target must be one of {PREDICTION_TARGETS}, got '{cfg.distill.prediction_target}'.")
+        raise PipelineError(f"distill.prediction_target must be one of {PREDICTION_TARGETS}, got '{cfg.distill.prediction_target}'.")
     steps = cfg.task_distill
     if not (steps.intermediate.enabled or steps.prediction.enabled):
-        raise ValueError("task_distill has both steps disabled; enable task_distill.intermediate or task_distill.prediction.")
+        raise PipelineError("task_distill has both steps disabled; enable task_distill.intermediate or task_distill.prediction.")
     teacher_config = load_model_config(cfg.teacher.path, cfg.teacher.revision)
     student_config = student_bert_config(cfg.student, teacher_config)
     if steps.intermediate.enabled:
-        objective_from_config(cfg.distill, _intermediate_weights(cfg), student_config, teacher_config)
+        try:
+            objective_from_config(cfg.distill, _intermediate_weights(cfg), student_config, teacher_config)
+        except ValueError as error:  # weights, mapping or attention target that cannot work
+            raise PipelineError(f"task_distill: {error}") from error
     task_data.check_data_available(cfg)
 
 
