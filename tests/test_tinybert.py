@@ -143,3 +143,31 @@ def test_impossible_distillation_settings_fail_before_training(run_kdrun, tiny_b
     output = corpus.stdout + corpus.stderr
     assert corpus.returncode == 2 and "data.corpus=" in output and "KDRUN_CORPUS" in output and "Traceback" not in output
     assert not (tmp_path / "cache" / "finetune_teacher").exists()  # nothing trained
+
+
+def test_hub_corpus_is_streamed_row_by_row(monkeypatch) -> None:
+    import kdrun.data.corpus as corpus_module
+
+    calls = []
+
+    def fake_load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "a bb\n\nccc"}, {"text": "dddd"}])
+
+    monkeypatch.setattr(corpus_module.datasets, "load_dataset", fake_load_dataset)
+    sequences = list(packed_sequences("hf:wikitext:wikitext-2-raw-v1", _WordTokenizer(), max_seq_length=8))
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "train", True)]
+    assert [s["input_ids"] for s in sequences] == [[101, 1, 2, 102], [101, 3, 102], [101, 4, 102]]
+
+
+def test_unreachable_hub_corpus_says_how_to_use_a_local_file(monkeypatch) -> None:
+    import pytest
+
+    import kdrun.data.corpus as corpus_module
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(corpus_module.datasets, "load_dataset", offline)
+    with pytest.raises(corpus_module.CorpusNotFound, match=r"ConnectionError: hub unreachable.*data.corpus=/path/to/corpus.txt"):
+        list(packed_sequences("hf:wikitext", _WordTokenizer(), max_seq_length=8))

@@ -21,14 +21,19 @@ class CorpusNotFound(FileNotFoundError):
     """No corpus was configured, or the configured path has no text."""
 
 
+HUB_PREFIX = "hf:"
+
+
 def corpus_files(corpus: str | None) -> list[Path]:
     """The text files of ``corpus`` (a file, or a directory searched for ``*.txt``), checked."""
     if not corpus:
         raise CorpusNotFound(
             "General distillation needs a plain-text corpus (one paragraph per line, a blank line "
             "between documents), and none is configured. Set data.corpus=/path/to/corpus.txt (a file "
-            "or a directory of .txt files) or export KDRUN_CORPUS=/path/to/corpus.txt; in this "
-            "workspace a Wikipedia slice is at ../shared/data/wiki/enwiki-slice.txt."
+            "or a directory of .txt files), export KDRUN_CORPUS=/path/to/corpus.txt, or, where the "
+            "Hugging Face hub is reachable, data.corpus=hf:<dataset>[:<config>] (e.g. "
+            "hf:wikitext:wikitext-103-raw-v1); in this workspace a Wikipedia slice is at "
+            "../shared/data/wiki/enwiki-slice.txt."
         )
     path = Path(corpus).expanduser()
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
@@ -37,30 +42,58 @@ def corpus_files(corpus: str | None) -> list[Path]:
     return files
 
 
-def _paragraph_chunks(files: list[Path], chunk_lines: int) -> Iterator[list[str | None]]:
-    """Paragraphs in order, ``None`` marking a document boundary, in chunks for batched tokenising."""
-    chunk: list[str | None] = []
-    for path in files:
+def _hub_rows(corpus: str) -> Iterator[str]:
+    """The ``text`` field of a hub dataset's train split, streamed (never downloaded whole)."""
+    name, _, config = corpus[len(HUB_PREFIX) :].partition(":")
+    try:
+        rows = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        for row in rows:
+            yield row["text"]
+    except Exception as error:  # the hub raises many types; the user needs one message
+        raise CorpusNotFound(
+            f"data.corpus={corpus}: the dataset could not be streamed from the Hugging Face hub "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Use a local "
+            "text file instead: data.corpus=/path/to/corpus.txt (one paragraph per line, blank line "
+            "between documents)."
+        ) from error
+
+
+def _paragraphs(corpus: str | list[Path]) -> Iterator[str | None]:
+    """Paragraphs in order, ``None`` marking a document boundary (a blank line, a file's or a row's end)."""
+    if isinstance(corpus, str):
+        for text in _hub_rows(corpus):
+            for line in text.splitlines():
+                yield line.strip() or None
+            yield None
+        return
+    for path in corpus:
         with path.open(encoding="utf-8") as handle:
             for line in handle:
-                text = line.strip()
-                chunk.append(text or None)
-                if len(chunk) >= chunk_lines:
-                    yield chunk
-                    chunk = []
-        chunk.append(None)
+                yield line.strip() or None
+        yield None
+
+
+def _paragraph_chunks(corpus: str | list[Path], chunk_lines: int) -> Iterator[list[str | None]]:
+    """:func:`_paragraphs` in chunks, for batched tokenising."""
+    chunk: list[str | None] = []
+    for paragraph in _paragraphs(corpus):
+        chunk.append(paragraph)
+        if len(chunk) >= chunk_lines:
+            yield chunk
+            chunk = []
     if chunk:
         yield chunk
 
 
 def packed_sequences(
-    files: list[Path],
+    source: str | list[Path],
     tokenizer: PreTrainedTokenizerBase,
     max_seq_length: int,
     max_sequences: int | None = None,
     chunk_lines: int = 2000,
 ) -> Iterator[dict[str, Any]]:
-    """``[CLS] tokens [SEP]`` sequences of up to ``max_seq_length`` tokens, filled greedily
+    """``[CLS] tokens [SEP]`` sequences of up to ``max_seq_length`` tokens from ``source`` (text
+    files, or an ``hf:`` hub dataset name), filled greedily
     within a document (a sequence never spans two documents); documents shorter than a
     sequence give one shorter sequence."""
     body = max_seq_length - 2
@@ -71,7 +104,7 @@ def packed_sequences(
         ids = [tokenizer.cls_token_id, *tokens, tokenizer.sep_token_id]
         return {"id": produced, "input_ids": ids, "token_type_ids": [0] * len(ids), "attention_mask": [1] * len(ids), "length": len(ids)}
 
-    for chunk in _paragraph_chunks(files, chunk_lines):
+    for chunk in _paragraph_chunks(source, chunk_lines):
         texts = [t for t in chunk if t is not None]
         encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
         for item in chunk:
@@ -100,7 +133,7 @@ def corpus_dataset(
     cache_dir: Path,
 ) -> datasets.Dataset:
     """The packed corpus as a memory-mapped Arrow dataset under ``cache_dir``."""
-    files = corpus_files(corpus)
+    source: str | list[Path] = corpus if corpus and corpus.startswith(HUB_PREFIX) else corpus_files(corpus)
     features = datasets.Features(
         {
             "id": datasets.Value("int64"),
@@ -112,7 +145,7 @@ def corpus_dataset(
     )
     return datasets.Dataset.from_generator(
         packed_sequences,
-        gen_kwargs={"files": files, "tokenizer": tokenizer, "max_seq_length": max_seq_length, "max_sequences": max_sequences},
+        gen_kwargs={"source": source, "tokenizer": tokenizer, "max_seq_length": max_seq_length, "max_sequences": max_sequences},
         features=features,
         cache_dir=str(cache_dir),
     )

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from transformers import AutoModel
 
 from kdrun.data.batching import PaddingCollator
-from kdrun.data.corpus import corpus_dataset, corpus_files
+from kdrun.data.corpus import HUB_PREFIX, corpus_dataset, corpus_files
 from kdrun.distill.tinybert import StudentWithProjections, objective_from_config, tinybert_loss
 from kdrun.models.loading import check_tokenizer_matches, load_model_config, load_tokenizer, resolve_model_path
 from kdrun.models.students import new_general_student, student_bert_config
@@ -33,7 +33,8 @@ def check(cfg: DictConfig) -> None:
         objective_from_config(cfg.distill, cfg.general_distill.weights, student_config, teacher_config)
     except ValueError as error:  # weights, mapping or attention target that cannot work
         raise PipelineError(f"general_distill: {error}") from error
-    corpus_files(cfg.data.corpus)
+    if not str(cfg.data.corpus or "").startswith(HUB_PREFIX):
+        corpus_files(cfg.data.corpus)
 
 
 def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
