@@ -76,6 +76,17 @@ class TrainOutcome:
     examples_per_second: float = 0.0
     resumed_from_step: int = 0
 
+    def summary(self) -> dict[str, Any]:
+        """What a stage reports about its training (for stage.json and results.json)."""
+        return {
+            "steps": self.global_step,
+            "resumed_from_step": self.resumed_from_step,
+            "best_dev": self.best_metrics,
+            "train_seconds": round(self.train_seconds, 2),
+            "examples_per_second": round(self.examples_per_second, 2),
+            "history": self.history,
+        }
+
 
 _ACCELERATORS: dict[tuple[str, str], Accelerator] = {}
 

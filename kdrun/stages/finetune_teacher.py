@@ -55,16 +55,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         description=f"finetune_teacher {task.name}",
     )
     outcome = train(job, settings.train, cfg.device, out_dir)
-    return {
-        "model_dir": "model",
-        "train_examples": len(train_set),
-        "steps": outcome.global_step,
-        "resumed_from_step": outcome.resumed_from_step,
-        "best_dev": outcome.best_metrics,
-        "train_seconds": round(outcome.train_seconds, 2),
-        "examples_per_second": round(outcome.examples_per_second, 2),
-        "history": outcome.history,
-    }
+    return {"model_dir": "model", "train_examples": len(train_set), **outcome.summary()}
 
 
 STAGE = register(

@@ -67,11 +67,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         "corpus_sequences": len(corpus),
         "corpus_tokens": int(sum(corpus["length"])),
         "parameters": sum(p.numel() for p in student.parameters()),
-        "steps": outcome.global_step,
-        "resumed_from_step": outcome.resumed_from_step,
-        "train_seconds": round(outcome.train_seconds, 2),
-        "examples_per_second": round(outcome.examples_per_second, 2),
-        "history": outcome.history,
+        **outcome.summary(),
     }
 
 

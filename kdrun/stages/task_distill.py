@@ -95,7 +95,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
             cfg.device,
             step_dir,
         )
-        summary["intermediate"] = _step_summary(outcome)
+        summary["intermediate"] = outcome.summary()
         student = student_for_task(cfg.student, teacher.config, task, outcome.model_dir)
 
     if cfg.task_distill.prediction.enabled:
@@ -125,7 +125,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
             cfg.device,
             out_dir / "step2_prediction",
         )
-        summary["prediction"] = _step_summary(outcome)
+        summary["prediction"] = outcome.summary()
         summary["best_dev"] = outcome.best_metrics
     outcome.model_dir.rename(out_dir / "model")
     summary["parameters"] = sum(p.numel() for p in student.parameters())
@@ -151,17 +151,6 @@ def _teacher_logits(teacher, train_set, collate, cfg: DictConfig, path: Path) ->
     table = TeacherLogits(torch.tensor(train_set["id"]), torch.from_numpy(logits))
     table.save(path)
     return table
-
-
-def _step_summary(outcome: TrainOutcome) -> dict[str, Any]:
-    return {
-        "steps": outcome.global_step,
-        "resumed_from_step": outcome.resumed_from_step,
-        "best_dev": outcome.best_metrics,
-        "train_seconds": round(outcome.train_seconds, 2),
-        "examples_per_second": round(outcome.examples_per_second, 2),
-        "history": outcome.history,
-    }
 
 
 STAGE = register(
