@@ -35,6 +35,8 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     for name in ("accelerate", "accelerate.accelerator", "accelerate.checkpointing"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Checkpoints of models with tied embeddings (MLM heads) drop the duplicate tensor; expected.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

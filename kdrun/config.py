@@ -179,6 +179,18 @@ class GeneralDistillConfig:
 
 
 @dataclass
+class FitMlmHeadConfig:
+    """Stage fit_mlm_head: BERT's MLM head trained on the frozen teacher encoder over the corpus."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=1e-3, warmup_ratio=0.05))
+    max_seq_length: int = 128
+    max_sequences: Optional[int] = None
+    # The last sequences of the packed corpus, never trained on, for masked-token accuracy.
+    heldout_sequences: int = 500
+    mlm_probability: float = 0.15
+
+
+@dataclass
 class DistillStepConfig:
     enabled: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -240,6 +252,7 @@ class KdrunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     finetune_teacher: FinetuneTeacherConfig = field(default_factory=FinetuneTeacherConfig)
     general_distill: GeneralDistillConfig = field(default_factory=GeneralDistillConfig)
+    fit_mlm_head: FitMlmHeadConfig = field(default_factory=FitMlmHeadConfig)
     task_distill: TaskDistillConfig = field(default_factory=TaskDistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)

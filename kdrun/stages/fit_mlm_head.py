@@ -1,0 +1,158 @@
+"""Stage fit_mlm_head: a masked-LM head for a teacher that has none.
+
+The embedded MiniLM-L6 teacher ships without its MLM head, but TinyBERT's data
+augmentation and DistilBERT's losses need the teacher's masked-token
+predictions. This stage trains the standard BERT head (transform + decoder tied
+to the word embeddings, plus its bias) on the frozen encoder over the general
+corpus, and reports masked-token accuracy on held-out corpus sequences.
+Output: ``model/``, a ``BertForMaskedLM``-style checkpoint with tokenizer.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from transformers import AutoModelForMaskedLM, PreTrainedTokenizerBase
+
+from kdrun.data.batching import PaddingCollator, sorted_eval_batches
+from kdrun.data.corpus import HUB_PREFIX, corpus_dataset, corpus_files
+from kdrun.data.mlm import mask_tokens
+from kdrun.models.loading import check_tokenizer_matches, load_model_config, load_tokenizer, resolve_model_path
+from kdrun.pipeline import Stage, StageOutput, register
+from kdrun.predict import model_inputs
+from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
+
+
+class MlmHeadOnFrozenEncoder(nn.Module):
+    """Runs the frozen encoder without gradients and the head only at the masked positions,
+    which is all the loss reads (the vocabulary projection is most of the head's cost)."""
+
+    def __init__(self, mlm_model: nn.Module):
+        super().__init__()
+        self.mlm = mlm_model
+        self.mlm.base_model.requires_grad_(False)
+
+    @property
+    def head(self) -> nn.Module:
+        """BERT calls its head ``cls``, RoBERTa-style models ``lm_head`` (not registered twice)."""
+        return getattr(self.mlm, "cls", None) or self.mlm.lm_head
+
+    def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy over masked tokens, number of correct top-1 predictions)."""
+        self.mlm.base_model.eval()  # no dropout in the frozen encoder
+        with torch.no_grad():
+            hidden = self.mlm.base_model(**inputs).last_hidden_state
+        chosen = labels != -100
+        logits = self.head(hidden[chosen])
+        if logits.shape[0] == 0:  # nothing masked in this batch: a zero loss that still has a graph
+            return logits.sum() * 0.0, torch.zeros((), dtype=torch.long)
+        loss = nn.functional.cross_entropy(logits, labels[chosen])
+        return loss, (logits.argmax(-1) == labels[chosen]).sum()
+
+
+class MaskingCollator:
+    """Pads a batch and corrupts it for MLM.
+
+    The masks of a batch are drawn from a generator seeded by ``seed`` and the
+    batch's example ids, not from the global RNG: data loaders fetch ahead of the
+    training step, so global-RNG masks would differ after a resume.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, probability: float, seed: int):
+        self.pad = PaddingCollator(tokenizer)
+        self.tokenizer = tokenizer
+        self.probability = probability
+        self.seed = seed
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.pad(features)
+        ids = batch["example_id"].numpy().tobytes()
+        generator = torch.Generator().manual_seed(zlib.crc32(ids, self.seed))
+        special = torch.isin(batch["input_ids"], self.special_ids) | (batch["attention_mask"] == 0)
+        batch["input_ids"], batch["labels"] = mask_tokens(
+            batch["input_ids"], special, self.tokenizer.mask_token_id, len(self.tokenizer), self.probability, generator
+        )
+        return batch
+
+
+@torch.inference_mode()
+def masked_token_accuracy(model: MlmHeadOnFrozenEncoder, features, tokenizer, probability: float, batch_size: int, seed: int) -> dict[str, float]:
+    """Top-1 accuracy and loss at the masked positions of held-out sequences, with a fixed masking seed."""
+    collate = MaskingCollator(tokenizer, probability, seed)
+    device = next(model.parameters()).device
+    correct, total, loss_sum = 0, 0, 0.0
+    for indices in sorted_eval_batches(features["length"], batch_size):
+        batch = collate([features[i] for i in indices])
+        labels = batch["labels"].to(device)
+        loss, hits = model(model_inputs(batch, device), labels)
+        count = int((labels != -100).sum())
+        correct, total, loss_sum = correct + int(hits), total + count, loss_sum + float(loss) * count
+    return {"masked_token_accuracy": correct / max(total, 1), "mlm_loss": loss_sum / max(total, 1), "masked_tokens": float(total)}
+
+
+def check(cfg: DictConfig) -> None:
+    config = load_model_config(cfg.teacher.path, cfg.teacher.revision)
+    check_tokenizer_matches(load_tokenizer(cfg.teacher.path, cfg.teacher.revision), config, cfg.teacher.path)
+    if not str(cfg.data.corpus or "").startswith(HUB_PREFIX):
+        corpus_files(cfg.data.corpus)
+
+
+def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+    settings = cfg.fit_mlm_head
+    accelerator = get_accelerator(cfg.device)
+    seed_everything(settings.train.seed)
+    tokenizer = load_tokenizer(cfg.teacher.path, cfg.teacher.revision)
+    mlm = AutoModelForMaskedLM.from_pretrained(resolve_model_path(cfg.teacher.path), revision=cfg.teacher.revision)
+    model = MlmHeadOnFrozenEncoder(mlm)
+    wanted = None if settings.max_sequences is None else settings.max_sequences + settings.heldout_sequences
+    corpus = corpus_dataset(cfg.data.corpus, tokenizer, settings.max_seq_length, wanted, out_dir / "corpus")
+    heldout = corpus.select(range(len(corpus) - settings.heldout_sequences, len(corpus)))
+    train_set = corpus.select(range(len(corpus) - settings.heldout_sequences))
+
+    def evaluate(module: nn.Module) -> dict[str, float]:
+        return masked_token_accuracy(module, heldout, tokenizer, settings.mlm_probability, settings.train.eval_batch_size, seed=0)
+
+    def save_model(module: nn.Module, directory: Path) -> None:
+        module.mlm.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    before = evaluate(model.to(accelerator.device))
+    outcome = train(
+        TrainingJob(
+            model=model,
+            train_features=train_set,
+            collate=MaskingCollator(tokenizer, settings.mlm_probability, settings.train.seed),
+            compute_loss=lambda m, batch: m(model_inputs(batch), batch["labels"])[0],
+            save_model=save_model,
+            evaluate=evaluate,
+            best_metric="masked_token_accuracy",
+            description="fit_mlm_head",
+        ),
+        settings.train,
+        cfg.device,
+        out_dir,
+    )
+    return {
+        "model_dir": "model",
+        "train_sequences": len(train_set),
+        "heldout_sequences": len(heldout),
+        "heldout_before_training": before,
+        "heldout": outcome.best_metrics,
+        **outcome.summary(),
+    }
+
+
+STAGE = register(
+    Stage(
+        name="fit_mlm_head",
+        run=run,
+        check=check,
+        reads=("teacher.path", "teacher.revision", "data.corpus", "fit_mlm_head"),
+    )
+)
