@@ -90,9 +90,24 @@ class DistillConfig:
 
 @dataclass
 class AugmentConfig:
-    """Data augmentation recipe; ``none`` passes the training set through."""
+    """Data augmentation recipe; ``none`` passes the training set through.
+
+    ``tang`` (Tang et al., 2019): per word, [MASK] with ``p_mask``, else a same-POS
+    word with ``p_pos``; then with ``p_ng`` keep one n-gram (n <= ``max_ngram``);
+    ``n_iter`` copies per example.
+    """
 
     name: str = "none"
+    n_iter: int = 20
+    p_mask: float = 0.1
+    p_pos: float = 0.1
+    p_ng: float = 0.25
+    max_ngram: int = 5
+    # Augment only a seeded sample of this many training examples (CPU scale); null = all.
+    max_examples: Optional[int] = None
+    # Source examples per output shard; a resumed run redoes only missing shards.
+    shard_size: int = 2000
+    seed: int = 0
 
 
 @dataclass

@@ -96,7 +96,8 @@ def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_pa
     )
     results = _results(tmp_path / "run")
     stages = results["stages"]
-    assert list(stages) == ["finetune_teacher", "general_distill", "task_distill", "evaluate"]
+    assert list(stages) == ["finetune_teacher", "general_distill", "augment", "task_distill", "evaluate"]
+    assert stages["augment"]["summary"] == {"passthrough": True}  # augment=none
     general = stages["general_distill"]["summary"]
     assert general["steps"] == 2 and general["corpus_sequences"] == 32  # capped by max_sequences
     task = stages["task_distill"]["summary"]
@@ -126,7 +127,8 @@ def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_pa
 
 
 def test_ablations_compose_into_the_right_pipelines() -> None:
-    assert list(_compose("experiment=tinybert_sst2", "ablation=no_gd").pipeline.stages) == ["finetune_teacher", "task_distill", "evaluate"]
+    assert list(_compose("experiment=tinybert_sst2", "ablation=no_gd").pipeline.stages) == ["finetune_teacher", "augment", "task_distill", "evaluate"]
+    assert _compose("experiment=tinybert_sst2", "augment=tang", "ablation=no_da").augment.name == "none"
     no_td = _compose("experiment=tinybert_sst2", "ablation=no_td")
     assert no_td.task_distill.intermediate.enabled is False and no_td.distill.prediction_target == "labels"
     no_trm = _compose("experiment=tinybert_sst2", "ablation=no_trm").distill.weights
@@ -171,3 +173,24 @@ def test_unreachable_hub_corpus_says_how_to_use_a_local_file(monkeypatch) -> Non
     monkeypatch.setattr(corpus_module.datasets, "load_dataset", offline)
     with pytest.raises(corpus_module.CorpusNotFound, match=r"ConnectionError: hub unreachable.*data.corpus=/path/to/corpus.txt"):
         list(packed_sequences("hf:wikitext", _WordTokenizer(), max_seq_length=8))
+
+
+def test_task_distillation_on_tang_augmented_data(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> None:
+    """augment=tang writes the originals plus their copies; task distillation trains on all of them."""
+    run_kdrun(
+        "experiment=tinybert_sst2", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
+        *TINY_STUDENT, "ablation=no_gd", "augment=tang", "augment.n_iter=4", "augment.shard_size=20",
+        "evaluate.measure_latency=false",
+    )
+    stages = _results(tmp_path)["stages"]
+    augment = stages["augment"]["summary"]
+    assert augment["source_examples"] == 64 and augment["shards"] == 4
+    assert 64 < augment["rows"] <= 64 * 5  # identical copies are dropped
+    [shards] = list((tmp_path / "cache" / "augment").glob("*/shards"))
+    rows = [json.loads(line) for path in sorted(shards.glob("*.jsonl")) for line in path.open()]
+    assert len(rows) == augment["rows"] and len({r["id"] for r in rows}) == len(rows)
+    assert all(r["id"] // 5 == r["source_id"] for r in rows)
+    originals = {r["source_id"]: r for r in rows if r["id"] % 5 == 0}
+    assert len(originals) == 64
+    assert all(r["label"] == originals[r["source_id"]]["label"] for r in rows)
+    assert stages["task_distill"]["summary"]["train_examples"] == augment["rows"]

@@ -27,6 +27,7 @@ from kdrun.models.students import student_bert_config, student_for_task
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
 from kdrun.predict import main_metric_key, model_inputs, predict_logits, score_dev_sets
 from kdrun.stages import task_data
+from kdrun.stages.augment import load_augmented
 from kdrun.train import TrainingJob, TrainOutcome, get_accelerator, seed_everything, train
 
 PREDICTION_TARGETS = ("teacher", "labels")
@@ -63,7 +64,9 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     seed_everything(cfg.task_distill.intermediate.train.seed)
     student = student_for_task(cfg.student, teacher.config, task, init_from)
     collate = task_data.collator(tokenizer, task)
-    train_set = task_data.tokenized({"train": task_data.train_examples(cfg)}, tokenizer, cfg)["train"]
+    augmented = load_augmented(inputs["augment"], task.is_regression) if "augment" in inputs else None
+    train_examples = augmented if augmented is not None else task_data.train_examples(cfg)
+    train_set = task_data.tokenized({"train": train_examples}, tokenizer, cfg)["train"]
     dev_sets = task_data.tokenized(task_data.dev_examples(cfg), tokenizer, cfg)
     summary: dict[str, Any] = {"model_dir": "model", "train_examples": len(train_set), "init": str(init_from)}
 
@@ -169,7 +172,7 @@ STAGE = register(
             "task_distill",
         ),
         requires=("finetune_teacher",),
-        uses=("general_distill",),
+        uses=("general_distill", "augment"),
         produces_model=True,
     )
 )
