@@ -42,6 +42,12 @@ def corpus_files(corpus: str | None) -> list[Path]:
     return files
 
 
+def check_corpus(corpus: str | None) -> None:
+    """Fail before training when a local corpus is missing (a hub corpus is checked when streamed)."""
+    if not str(corpus or "").startswith(HUB_PREFIX):
+        corpus_files(corpus)
+
+
 def _hub_rows(corpus: str) -> Iterator[str]:
     """The ``text`` field of a hub dataset's train split, streamed (never downloaded whole)."""
     name, _, config = corpus[len(HUB_PREFIX) :].partition(":")

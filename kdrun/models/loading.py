@@ -100,6 +100,13 @@ def check_tokenizer_matches(tokenizer: PreTrainedTokenizerBase, config: Pretrain
         )
 
 
+def load_checked_config(reference: str, revision: str | None = None) -> PretrainedConfig:
+    """The model's config, after checking that its tokenizer fits its vocabulary."""
+    config = load_model_config(reference, revision)
+    check_tokenizer_matches(load_tokenizer(reference, revision), config, reference)
+    return config
+
+
 def _check_label_count(config: PretrainedConfig, task: TaskSpec, reference: str) -> None:
     """A checkpoint that already has a classification head must fit the task's label set."""
     architectures = config.architectures or []

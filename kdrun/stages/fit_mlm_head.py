@@ -20,9 +20,9 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, PreTrainedTokenizerBase
 
 from kdrun.data.batching import PaddingCollator, sorted_eval_batches
-from kdrun.data.corpus import HUB_PREFIX, corpus_dataset, corpus_files
+from kdrun.data.corpus import check_corpus, corpus_dataset
 from kdrun.data.mlm import mask_tokens
-from kdrun.models.loading import check_tokenizer_matches, load_model_config, load_tokenizer, resolve_model_path
+from kdrun.models.loading import load_checked_config, load_tokenizer, resolve_model_path
 from kdrun.pipeline import Stage, StageOutput, register
 from kdrun.predict import model_inputs
 from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
@@ -97,10 +97,8 @@ def masked_token_accuracy(model: MlmHeadOnFrozenEncoder, features, tokenizer, pr
 
 
 def check(cfg: DictConfig) -> None:
-    config = load_model_config(cfg.teacher.path, cfg.teacher.revision)
-    check_tokenizer_matches(load_tokenizer(cfg.teacher.path, cfg.teacher.revision), config, cfg.teacher.path)
-    if not str(cfg.data.corpus or "").startswith(HUB_PREFIX):
-        corpus_files(cfg.data.corpus)
+    load_checked_config(cfg.teacher.path, cfg.teacher.revision)
+    check_corpus(cfg.data.corpus)
 
 
 def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:

@@ -17,24 +17,22 @@ from omegaconf import DictConfig
 from transformers import AutoModel
 
 from kdrun.data.batching import PaddingCollator
-from kdrun.data.corpus import HUB_PREFIX, corpus_dataset, corpus_files
+from kdrun.data.corpus import check_corpus, corpus_dataset
 from kdrun.distill.tinybert import StudentWithProjections, objective_from_config, tinybert_loss
-from kdrun.models.loading import check_tokenizer_matches, load_model_config, load_tokenizer, resolve_model_path
+from kdrun.models.loading import load_checked_config, load_tokenizer, resolve_model_path
 from kdrun.models.students import new_general_student, student_bert_config
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
 from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
 
 
 def check(cfg: DictConfig) -> None:
-    teacher_config = load_model_config(cfg.teacher.path, cfg.teacher.revision)
-    check_tokenizer_matches(load_tokenizer(cfg.teacher.path, cfg.teacher.revision), teacher_config, cfg.teacher.path)
+    teacher_config = load_checked_config(cfg.teacher.path, cfg.teacher.revision)
     student_config = student_bert_config(cfg.student, teacher_config)
     try:
         objective_from_config(cfg.distill, cfg.general_distill.weights, student_config, teacher_config)
     except ValueError as error:  # weights, mapping or attention target that cannot work
         raise PipelineError(f"general_distill: {error}") from error
-    if not str(cfg.data.corpus or "").startswith(HUB_PREFIX):
-        corpus_files(cfg.data.corpus)
+    check_corpus(cfg.data.corpus)
 
 
 def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
