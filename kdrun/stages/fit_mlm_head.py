@@ -22,6 +22,7 @@ from transformers import AutoModelForMaskedLM, PreTrainedTokenizerBase
 from kdrun.data.batching import PaddingCollator, sorted_eval_batches
 from kdrun.data.corpus import check_corpus, corpus_dataset
 from kdrun.data.mlm import mask_tokens
+from kdrun.models.masked_lm import masked_lm_head
 from kdrun.models.loading import load_checked_config, load_tokenizer, resolve_model_path
 from kdrun.pipeline import Stage, StageOutput, register
 from kdrun.predict import model_inputs
@@ -30,22 +31,32 @@ from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
 
 class MlmHeadOnFrozenEncoder(nn.Module):
     """Runs the frozen encoder without gradients and the head only at the masked positions,
-    which is all the loss reads (the vocabulary projection is most of the head's cost)."""
+    which is all the loss reads (the vocabulary projection is most of the head's cost).
 
-    def __init__(self, mlm_model: nn.Module):
+    ``train_top_layers`` > 0 also trains the encoder's last layers; the word embeddings
+    (tied to the head's decoder) always stay frozen.
+    """
+
+    def __init__(self, mlm_model: nn.Module, train_top_layers: int = 0):
         super().__init__()
         self.mlm = mlm_model
         self.mlm.base_model.requires_grad_(False)
+        self.train_top_layers = train_top_layers
+        if train_top_layers:
+            layers = self.mlm.base_model.encoder.layer
+            if train_top_layers > len(layers):
+                raise ValueError(f"fit_mlm_head.train_top_layers={train_top_layers} but the encoder has {len(layers)} layers")
+            for layer in layers[len(layers) - train_top_layers :]:
+                layer.requires_grad_(True)
 
     @property
-    def head(self) -> nn.Module:
-        """BERT calls its head ``cls``, RoBERTa-style models ``lm_head`` (not registered twice)."""
-        return getattr(self.mlm, "cls", None) or self.mlm.lm_head
+    def head(self) -> nn.Module:  # a property, so the head's parameters are not registered twice
+        return masked_lm_head(self.mlm)
 
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean cross-entropy over masked tokens, number of correct top-1 predictions)."""
         self.mlm.base_model.eval()  # no dropout in the frozen encoder
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.train_top_layers > 0 and torch.is_grad_enabled()):
             hidden = self.mlm.base_model(**inputs).last_hidden_state
         chosen = labels != -100
         logits = self.head(hidden[chosen])
@@ -107,7 +118,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     seed_everything(settings.train.seed)
     tokenizer = load_tokenizer(cfg.teacher.path, cfg.teacher.revision)
     mlm = AutoModelForMaskedLM.from_pretrained(resolve_model_path(cfg.teacher.path), revision=cfg.teacher.revision)
-    model = MlmHeadOnFrozenEncoder(mlm)
+    model = MlmHeadOnFrozenEncoder(mlm, settings.train_top_layers)
     wanted = None if settings.max_sequences is None else settings.max_sequences + settings.heldout_sequences
     corpus = corpus_dataset(cfg.data.corpus, tokenizer, settings.max_seq_length, wanted, out_dir / "corpus")
     heldout = corpus.select(range(len(corpus) - settings.heldout_sequences, len(corpus)))

