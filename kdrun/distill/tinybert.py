@@ -17,7 +17,8 @@ from torch import nn
 
 from kdrun.distill.losses import ObjectiveConfig, TinyBertObjective, WidthProjections
 from kdrun.distill.mapping import LayerMapping
-from kdrun.models.capture import CapturedOutputs, forward_with_capture
+from kdrun.models.inputs import forward_inputs
+from kdrun.models.capture import forward_with_capture
 from kdrun.predict import model_inputs
 
 PROJECTIONS_FILE = "projections.safetensors"
@@ -30,14 +31,14 @@ class StudentWithProjections(nn.Module):
     the student's forward runs inside this module's forward so that DDP sees it.
     """
 
-    def __init__(self, student: nn.Module, projections: WidthProjections):
+    def __init__(self, student: nn.Module, projections: WidthProjections | None = None):
         super().__init__()
         self.student = student
-        self.projections = projections
+        self.projections = projections if projections is not None else WidthProjections(1, 1)  # identity, no parameters
 
     def forward(self, inputs: Mapping[str, torch.Tensor], request: Mapping[str, Any] | None = None, labels: torch.Tensor | None = None) -> Any:
         if request is None:
-            return self.student(**inputs, labels=labels)
+            return self.student(**forward_inputs(self.student, inputs), labels=labels)
         return forward_with_capture(self.student, dict(inputs), **request)
 
     def save_projections(self, directory: Path) -> None:
@@ -67,7 +68,8 @@ def objective_from_config(
     )
     config = ObjectiveConfig.from_mapping(
         {
-            "weights": dict(weights),
+            # TinyBERT's four terms; the other recipes' weights (ce, mlm, cos, hard) are not its.
+            "weights": {name: weights[name] for name in ("embedding", "attention", "hidden", "prediction") if name in weights},
             "temperature": float(distill.temperature),
             "scale_by_t2": bool(distill.scale_by_t2),
             "attention_target": str(distill.attention_target),
@@ -84,32 +86,22 @@ def tinybert_loss(
     teacher: nn.Module,
     objective: TinyBertObjective,
     is_regression: bool,
-    cached_teacher_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast: Callable[[], Any] | None = None,
 ) -> Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]:
     """``compute_loss`` for the training loop.
 
     The teacher runs under inference mode and is asked only for what the active
-    terms read (mapped layers' scores, hidden states, logits). When the teacher's
-    logits are the only thing needed and ``cached_teacher_logits`` is given
-    (prediction-layer step), the teacher does not run at all.
+    terms read (mapped layers' scores, hidden states, logits). The prediction-layer
+    step, which reads only logits, uses :mod:`kdrun.distill.prediction` and cached
+    teacher logits instead.
     """
     teacher_request = objective.capture_request(student=False)
     student_request = objective.capture_request(student=True)
-    needs_teacher_forward = bool(
-        teacher_request["attention_layers"] or teacher_request["hidden_layers"] or teacher_request["want_embeddings"]
-    ) or (teacher_request["want_logits"] and cached_teacher_logits is None)
-    if cached_teacher_logits is not None:
-        teacher_request = {**teacher_request, "want_logits": False}
 
     def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         inputs = model_inputs(batch)
-        teacher_out = CapturedOutputs()
-        if needs_teacher_forward:
-            with torch.inference_mode(), (autocast() if autocast else contextlib.nullcontext()):
-                teacher_out = forward_with_capture(teacher, inputs, **teacher_request)
-        if cached_teacher_logits is not None:
-            teacher_out.logits = cached_teacher_logits(batch["example_id"])
+        with torch.inference_mode(), (autocast() if autocast else contextlib.nullcontext()):
+            teacher_out = forward_with_capture(teacher, inputs, **teacher_request)
         student_out = model(inputs, student_request)
         return objective(student_out, teacher_out, batch["attention_mask"], is_regression)
 

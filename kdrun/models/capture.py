@@ -43,11 +43,17 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from kdrun.models.inputs import forward_inputs
+
 CAPTURE_IMPLEMENTATION = "kdrun_capture"
 ATTENTION_TARGETS = ("scores", "probs")
 _PROBE_ATTR = "_kdrun_capture_probe"
 # Keys a sequence-classification forward accepts but the base model does not, or that we never want.
 _NOT_MODEL_INPUTS = ("labels",)
+_NO_HEAD = (
+    "{name} has no prediction head, so it has no logits; load it with a task head "
+    "(e.g. AutoModelForSequenceClassification) or do not request logits"
+)
 
 
 @dataclass
@@ -194,18 +200,25 @@ def forward_with_capture(
         raise ValueError(f"attention_target must be one of {ATTENTION_TARGETS}, got {attention_target!r}")
     if getattr(model.config, "is_decoder", False):
         raise ValueError("capture supports bidirectional encoders only; this model is configured as a decoder")
+    if not (attention_layers or hidden_layers or want_embeddings):
+        # Logits only (prediction-layer distillation): a plain forward, for any model with a
+        # head, BERT-style or not (DistilBERT, the BiLSTM student).
+        if not want_logits:
+            return CapturedOutputs()
+        plain = {k: v for k, v in forward_inputs(model, inputs).items() if k not in _NOT_MODEL_INPUTS}
+        logits = getattr(model(**plain), "logits", None)
+        if logits is None:
+            raise ValueError(_NO_HEAD.format(name=type(model).__name__))
+        return CapturedOutputs(logits=logits)
     base = _base_model(model)
     layers = base.encoder.layer
     _check_layers(set(attention_layers), len(layers), "attention")
     _check_layers(set(hidden_layers), len(layers), "hidden-state")
     if want_logits and base is model:
-        raise ValueError(
-            f"{type(model).__name__} has no prediction head, so it has no logits; load it with a "
-            "task head (e.g. AutoModelForSequenceClassification) or do not request logits"
-        )
+        raise ValueError(_NO_HEAD.format(name=type(model).__name__))
 
     captured = CapturedOutputs()
-    model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+    model_inputs = {k: v for k, v in forward_inputs(model, inputs).items() if k not in _NOT_MODEL_INPUTS}
 
     def keep_embeddings(_module: nn.Module, _args: Any, output: Any) -> None:
         captured.embeddings = _layer_output(output)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 from transformers import AutoModelForMaskedLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from kdrun.models.loading import (
@@ -12,6 +12,13 @@ from kdrun.models.loading import (
     load_tokenizer,
     resolve_model_path,
 )
+
+
+def masked_lm_logits(model: nn.Module, hidden: Tensor) -> Tensor:
+    """Vocabulary logits of final hidden states ``hidden`` (any leading shape) through ``model``'s MLM head."""
+    if hasattr(model, "vocab_projector"):  # DistilBERT spreads its head over four attributes
+        return model.vocab_projector(model.vocab_layer_norm(model.activation(model.vocab_transform(hidden))))
+    return masked_lm_head(model)(hidden)
 
 
 def masked_lm_head(model: nn.Module) -> nn.Module:

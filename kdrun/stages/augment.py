@@ -2,8 +2,8 @@
 
 Recipes: ``tang`` (Tang et al., 2019) and ``tinybert`` (Jiao et al., 2020), whose
 masked LM is ``augment.mlm_model`` or the model of a preceding fit_mlm_head stage.
-The output holds every (sampled) training example followed by its augmented
-copies. Each row keeps the id of its source example (``source_id``) and gets an
+The output holds every training example followed by its augmented copies
+(``augment.max_examples``: copies of a seeded sample only, for CPU scale). Each row keeps the id of its source example (``source_id``) and gets an
 id of its own (``source_id * (C + 1) + copy + 1`` with C the most copies an example can
 get; the original keeps ``source_id * (C + 1)``), so that teacher outputs can be cached by id.
 Copies identical to their source are dropped. Shards are written to a temporary
@@ -23,7 +23,7 @@ from typing import Any
 import datasets
 from omegaconf import DictConfig
 
-from kdrun.augment.glove import NeighbourTable
+from kdrun.data.glove import NeighbourTable
 from kdrun.augment.tang import PosVocabulary, TangSettings, load_tagger, sentences_of, tag_examples, tang_augment
 from kdrun.augment.tinybert import COPIES_PER_TASK, TinyBertAugmenter, TinyBertSettings
 from kdrun.data.glue import sample_examples
@@ -39,8 +39,8 @@ RECIPES = ("tang", "tinybert")
 SHARDS = "shards"
 
 Example = tuple[int, str, str | None]
-AugmentPart = Callable[[int, int], Iterator[dict[str, Any]]]
-"""Augments the examples in positions [start, stop): rows with ``source_id``, ``copy``, ``text_a``, ``text_b``."""
+AugmentPart = Callable[[list[Example]], Iterator[dict[str, Any]]]
+"""Augments some of the examples: rows with ``source_id``, ``copy``, ``text_a``, ``text_b``."""
 
 
 def check(cfg: DictConfig) -> None:
@@ -90,7 +90,12 @@ def _tang(cfg: DictConfig, examples: list[Example]) -> tuple[AugmentPart, int]:
     logger.info("augment: tagging %d training examples.", len(examples))
     tagged = tag_examples(load_tagger(), examples)
     vocabulary = PosVocabulary.from_tagged(sentences_of(tagged))
-    return (lambda start, stop: tang_augment(tagged[start:stop], vocabulary, settings, cfg.augment.seed)), settings.n_iter
+    by_id = {example.source_id: example for example in tagged}
+
+    def augment_part(part: list[Example]) -> Iterator[dict[str, Any]]:
+        return tang_augment([by_id[source_id] for source_id, _, _ in part], vocabulary, settings, cfg.augment.seed)
+
+    return augment_part, settings.n_iter
 
 
 def _tinybert(cfg: DictConfig, inputs: dict[str, StageOutput], examples: list[Example]) -> tuple[AugmentPart, int]:
@@ -108,15 +113,17 @@ def _tinybert(cfg: DictConfig, inputs: dict[str, StageOutput], examples: list[Ex
     augmenter = TinyBertAugmenter(model, tokenizer, neighbours, settings)
     logger.info("augment: TinyBERT recipe, masked LM %s, N=%d copies per sentence.", reference, settings.n_copies)
     pairs = any(text_b is not None for _, _, text_b in examples)
-    return (lambda start, stop: augmenter.augment(examples[start:stop], cfg.augment.seed)), settings.n_copies * (2 if pairs else 1)
+    return (lambda part: augmenter.augment(part, cfg.augment.seed)), settings.n_copies * (2 if pairs else 1)
 
 
 def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
     if cfg.augment.name == "none":  # the stage passes the original training set through
         return {"passthrough": True}
-    source = sample_examples(task_data.train_examples(cfg), cfg.augment.max_examples, cfg.augment.seed)
+    source = task_data.train_examples(cfg)
     examples = [(int(i), a, b or None) for i, a, b in zip(source["id"], source["text_a"], source["text_b"])]
     labels = dict(zip((int(i) for i in source["id"]), source["label"]))
+    # Every training example is kept; copies are made of all of them or of a seeded sample.
+    chosen = {int(i) for i in sample_examples(source, cfg.augment.max_examples, cfg.augment.seed)["id"]}
     augment_part, copies = _tang(cfg, examples) if cfg.augment.name == "tang" else _tinybert(cfg, inputs, examples)
     stride = copies + 1
     shard_dir = out_dir / SHARDS
@@ -133,7 +140,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         lines = []
         for source_id, text_a, text_b in examples[start : start + shard_size]:
             lines.append({"id": source_id * stride, "source_id": source_id, "text_a": text_a, "text_b": text_b or "", "label": labels[source_id]})
-        for row in augment_part(start, start + shard_size):
+        for row in augment_part([e for e in examples[start : start + shard_size] if e[0] in chosen]):
             sid = row["source_id"]
             lines.append({
                 "id": sid * stride + row["copy"] + 1, "source_id": sid, "text_a": row["text_a"],
@@ -148,7 +155,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
             time.perf_counter() - started,
         )
     return {
-        "recipe": cfg.augment.name, "copies_per_example": copies, "source_examples": len(examples),
+        "recipe": cfg.augment.name, "copies_per_example": copies, "source_examples": len(examples), "augmented_examples": len(chosen),
         "rows": rows_written, "copies": rows_written - len(examples), "shards": len(list(shard_dir.glob("*.jsonl"))),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -20,6 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kdrun.data.submission import write_glue_submission
 from kdrun.models.loading import count_parameters
+from kdrun.models.inputs import forward_inputs
 from kdrun.models.measure import median_latency_ms, size_on_disk
 from kdrun.pipeline import Stage, StageOutput, register
 from kdrun.predict import logits_to_predictions, main_metric_key, predict_logits, score_dev_sets
@@ -39,7 +40,7 @@ def _latency(model, tokenizer, texts_a: list[str], texts_b: list[str] | None, cf
         inputs = tokenizer(
             a, b, padding="max_length", truncation=True, max_length=settings.latency_seq_length, return_tensors="pt"
         ).to(device)
-        ms = median_latency_ms(model, dict(inputs), settings.latency_warmup, settings.latency_repeats)
+        ms = median_latency_ms(model, forward_inputs(model, inputs), settings.latency_warmup, settings.latency_repeats)
         results[f"latency_ms_bs{batch_size}"] = round(ms, 3)
         results[f"throughput_ex_per_s_bs{batch_size}"] = round(batch_size * 1000.0 / ms, 2)
     return results

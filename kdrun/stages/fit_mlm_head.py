@@ -10,18 +10,17 @@ Output: ``model/``, a ``BertForMaskedLM``-style checkpoint with tokenizer.
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from transformers import AutoModelForMaskedLM, PreTrainedTokenizerBase
+from transformers import AutoModelForMaskedLM
 
-from kdrun.data.batching import PaddingCollator, sorted_eval_batches
+from kdrun.data.batching import sorted_eval_batches
 from kdrun.data.corpus import check_corpus, corpus_dataset
-from kdrun.data.mlm import mask_tokens
+from kdrun.data.mlm import MaskingCollator
 from kdrun.models.masked_lm import masked_lm_head
 from kdrun.models.loading import load_checked_config, load_tokenizer, resolve_model_path
 from kdrun.pipeline import Stage, StageOutput, register
@@ -64,32 +63,6 @@ class MlmHeadOnFrozenEncoder(nn.Module):
             return logits.sum() * 0.0, torch.zeros((), dtype=torch.long)
         loss = nn.functional.cross_entropy(logits, labels[chosen])
         return loss, (logits.argmax(-1) == labels[chosen]).sum()
-
-
-class MaskingCollator:
-    """Pads a batch and corrupts it for MLM.
-
-    The masks of a batch are drawn from a generator seeded by ``seed`` and the
-    batch's example ids, not from the global RNG: data loaders fetch ahead of the
-    training step, so global-RNG masks would differ after a resume.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, probability: float, seed: int):
-        self.pad = PaddingCollator(tokenizer)
-        self.tokenizer = tokenizer
-        self.probability = probability
-        self.seed = seed
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.pad(features)
-        ids = batch["example_id"].numpy().tobytes()
-        generator = torch.Generator().manual_seed(zlib.crc32(ids, self.seed))
-        special = torch.isin(batch["input_ids"], self.special_ids) | (batch["attention_mask"] == 0)
-        batch["input_ids"], batch["labels"] = mask_tokens(
-            batch["input_ids"], special, self.tokenizer.mask_token_id, len(self.tokenizer), self.probability, generator
-        )
-        return batch
 
 
 @torch.inference_mode()

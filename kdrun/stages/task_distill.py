@@ -21,29 +21,51 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
 from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits, objective_from_config, tinybert_loss
-from kdrun.models.loading import load_for_sequence_classification, load_model_config
-from kdrun.models.students import student_bert_config, student_for_task
+from kdrun.models.loading import load_for_sequence_classification, load_model_config, load_tokenizer
+from kdrun.models.students import bilstm_student_for_task, distil_student_for_task, student_bert_config, student_for_task
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
-from kdrun.predict import main_metric_key, model_inputs, predict_logits, score_dev_sets
+from kdrun.predict import main_metric_key, predict_logits, score_dev_sets
 from kdrun.stages import task_data
 from kdrun.stages.augment import load_augmented
 from kdrun.train import TrainingJob, TrainOutcome, get_accelerator, seed_everything, train
 
 PREDICTION_TARGETS = ("teacher", "labels")
+STUDENT_KINDS = ("bert", "distilbert", "bilstm")
+
+
+def needs_teacher(cfg: DictConfig) -> bool:
+    """Whether this run reads the fine-tuned teacher (bilstm_nokd trains on gold labels alone)."""
+    return cfg.task_distill.intermediate.enabled or (
+        cfg.task_distill.prediction.enabled and cfg.distill.prediction_target == "teacher" and cfg.distill.weights.hard < 1.0
+    )
 
 
 def check(cfg: DictConfig) -> None:
     if cfg.distill.prediction_target not in PREDICTION_TARGETS:
         raise PipelineError(f"distill.prediction_target must be one of {PREDICTION_TARGETS}, got '{cfg.distill.prediction_target}'.")
+    if cfg.student.kind not in STUDENT_KINDS:
+        raise PipelineError(f"student.kind must be one of {STUDENT_KINDS}, got '{cfg.student.kind}'.")
     steps = cfg.task_distill
     if not (steps.intermediate.enabled or steps.prediction.enabled):
         raise PipelineError("task_distill has both steps disabled; enable task_distill.intermediate or task_distill.prediction.")
-    teacher_config = load_model_config(cfg.teacher.path, cfg.teacher.revision)
-    student_config = student_bert_config(cfg.student, teacher_config)
+    stages = list(cfg.pipeline.stages)
+    if needs_teacher(cfg) and "finetune_teacher" not in stages[: stages.index("task_distill")]:
+        raise PipelineError(
+            "task_distill distils the fine-tuned teacher: put finetune_teacher before it in pipeline.stages "
+            "(or train on gold labels only: distill.prediction_target=labels and task_distill.intermediate.enabled=false)."
+        )
+    _prediction_settings(cfg)
     if steps.intermediate.enabled:
+        if cfg.student.kind != "bert":
+            raise PipelineError(
+                f"task_distill.intermediate (TinyBERT's layer losses) needs a BERT student, not student={cfg.student.name}; "
+                "set task_distill.intermediate.enabled=false."
+            )
+        teacher_config = load_model_config(cfg.teacher.path, cfg.teacher.revision)
         try:
-            objective_from_config(cfg.distill, _intermediate_weights(cfg), student_config, teacher_config)
+            objective_from_config(cfg.distill, _intermediate_weights(cfg), student_bert_config(cfg.student, teacher_config), teacher_config)
         except ValueError as error:  # weights, mapping or attention target that cannot work
             raise PipelineError(f"task_distill: {error}") from error
     task_data.check_data_available(cfg)
@@ -54,21 +76,49 @@ def _intermediate_weights(cfg: DictConfig) -> dict[str, float]:
     return {"embedding": weights.embedding, "attention": weights.attention, "hidden": weights.hidden, "prediction": 0.0}
 
 
+def _prediction_settings(cfg: DictConfig) -> PredictionLossSettings:
+    d = cfg.distill
+    hard = 1.0 if d.prediction_target == "labels" else float(d.weights.hard)
+    try:
+        return PredictionLossSettings(kind=d.prediction_loss, temperature=d.temperature, scale_by_t2=d.scale_by_t2, hard_weight=hard)
+    except ValueError as error:
+        raise PipelineError(f"task_distill: {error}") from error
+
+
+def _student(cfg: DictConfig, task, inputs: dict[str, StageOutput], teacher_config, teacher_tokenizer, train_examples):
+    """(student with a task head, its tokenizer, where it started from)."""
+    general = inputs.get("general_distill")
+    kind = cfg.student.kind
+    if kind == "bilstm":
+        texts = [t for column in ("text_a", "text_b") for t in train_examples[column] if t]
+        student, tokenizer, coverage = bilstm_student_for_task(cfg.student, task, texts, cfg.data.max_seq_length)
+        return student, tokenizer, {"init": f"new, embeddings {cfg.student.embeddings}", **coverage}
+    if kind == "distilbert":
+        init_from = general.path / "model" if general is not None else None
+        student = distil_student_for_task(cfg.student, task, init_from, cfg.teacher.path)
+        return student, teacher_tokenizer, {"init": str(init_from or f"teacher layers ({cfg.student.init})")}
+    init_from = general.path / "model" if general is not None else cfg.student.init
+    return student_for_task(cfg.student, teacher_config, task, init_from), teacher_tokenizer, {"init": str(init_from)}
+
+
 def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
     task = task_data.task_of(cfg)
     accelerator = get_accelerator(cfg.device)
-    teacher, tokenizer = load_for_sequence_classification(str(inputs["finetune_teacher"].path / "model"), task)
-    teacher.to(accelerator.device).eval().requires_grad_(False)
-    general = inputs.get("general_distill")
-    init_from = general.path / "model" if general is not None else cfg.student.init
-    seed_everything(cfg.task_distill.intermediate.train.seed)
-    student = student_for_task(cfg.student, teacher.config, task, init_from)
-    collate = task_data.collator(tokenizer, task)
+    teacher = None
+    if "finetune_teacher" in inputs:
+        teacher, teacher_tokenizer = load_for_sequence_classification(str(inputs["finetune_teacher"].path / "model"), task)
+        teacher.to(accelerator.device).eval().requires_grad_(False)
+        teacher_config = teacher.config
+    else:
+        teacher_tokenizer, teacher_config = load_tokenizer(cfg.teacher.path, cfg.teacher.revision), None
     augmented = load_augmented(inputs["augment"], task.is_regression) if "augment" in inputs else None
     train_examples = augmented if augmented is not None else task_data.train_examples(cfg)
+    seed_everything(cfg.task_distill.intermediate.train.seed)
+    student, tokenizer, summary = _student(cfg, task, inputs, teacher_config, teacher_tokenizer, train_examples)
+    collate = task_data.collator(tokenizer, task)
     train_set = task_data.tokenized({"train": train_examples}, tokenizer, cfg)["train"]
     dev_sets = task_data.tokenized(task_data.dev_examples(cfg), tokenizer, cfg)
-    summary: dict[str, Any] = {"model_dir": "model", "train_examples": len(train_set), "init": str(init_from)}
+    summary = {"model_dir": "model", "train_examples": len(train_set), **summary}
 
     def save_student(model: torch.nn.Module, directory: Path) -> None:
         model.student.save_pretrained(directory)
@@ -78,12 +128,11 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         return score_dev_sets(model.student, task, dev_sets, collate, cfg.task_distill.prediction.train.eval_batch_size)
 
-    step_dir = out_dir / "step1_intermediate"
     if cfg.task_distill.intermediate.enabled:
         objective, projections = objective_from_config(cfg.distill, _intermediate_weights(cfg), student.config, teacher.config)
         wrapper = StudentWithProjections(student, projections)
-        if general is not None:
-            summary["projections_from_general"] = wrapper.load_projections(general.path / "model")
+        if "general_distill" in inputs:
+            summary["projections_from_general"] = wrapper.load_projections(inputs["general_distill"].path / "model")
         outcome = _train_once(
             TrainingJob(
                 model=wrapper,
@@ -96,28 +145,25 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
             ),
             cfg.task_distill.intermediate.train,
             cfg.device,
-            step_dir,
+            out_dir / "step1_intermediate",
         )
         summary["intermediate"] = outcome.summary()
         student = student_for_task(cfg.student, teacher.config, task, outcome.model_dir)
 
     if cfg.task_distill.prediction.enabled:
-        prediction_weights = {"embedding": 0.0, "attention": 0.0, "hidden": 0.0, "prediction": 1.0}
-        objective, projections = objective_from_config(cfg.distill, prediction_weights, student.config, teacher.config)
-        if cfg.distill.prediction_target == "teacher":
-            logits = _teacher_logits(teacher, train_set, collate, cfg, out_dir / "teacher_logits.safetensors")
-            compute_loss = tinybert_loss(teacher, objective, task.is_regression, cached_teacher_logits=logits)
-        else:
-            def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-                return model(model_inputs(batch), labels=batch["labels"]).loss
-
+        settings = _prediction_settings(cfg)
+        logits = None
+        if settings.hard_weight < 1.0:
+            teacher_set = train_set if tokenizer is teacher_tokenizer else task_data.tokenized({"train": train_examples}, teacher_tokenizer, cfg)["train"]
+            teacher_collate = collate if tokenizer is teacher_tokenizer else task_data.collator(teacher_tokenizer, task)
+            logits = _teacher_logits(teacher, teacher_set, teacher_collate, cfg, out_dir / "teacher_logits.safetensors")
         seed_everything(cfg.task_distill.prediction.train.seed)
         outcome = _train_once(
             TrainingJob(
-                model=StudentWithProjections(student, projections),
+                model=StudentWithProjections(student),
                 train_features=train_set,
                 collate=collate,
-                compute_loss=compute_loss,
+                compute_loss=prediction_loss(settings, task.is_regression, logits),
                 save_model=save_student,
                 evaluate=evaluate,
                 best_metric=main_metric_key(task),
@@ -171,8 +217,8 @@ STAGE = register(
             "data.sample_seed",
             "task_distill",
         ),
-        requires=("finetune_teacher",),
-        uses=("general_distill", "augment"),
+        uses=("finetune_teacher", "general_distill", "augment"),
+        wants=lambda cfg, name: name != "finetune_teacher" or needs_teacher(cfg),
         produces_model=True,
     )
 )

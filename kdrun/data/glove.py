@@ -38,6 +38,7 @@ class GloveVectors:
 
     words: list[str]
     unit: torch.Tensor  # (vocab, dim), float32, every row of norm 1 (zero rows stay zero)
+    raw: torch.Tensor | None = None  # the vectors as published, to initialise embeddings
 
     def __post_init__(self) -> None:
         self.index = {word: row for row, word in enumerate(self.words)}
@@ -47,7 +48,7 @@ class GloveVectors:
         """Normalise once, so a cosine similarity is a dot product."""
         matrix = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
         norms = matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return cls(words=list(words), unit=matrix / norms)
+        return cls(words=list(words), unit=matrix / norms, raw=matrix)
 
     def __contains__(self, word: object) -> bool:
         return word in self.index
