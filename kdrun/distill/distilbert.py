@@ -115,16 +115,16 @@ def triple_loss(
         parts: dict[str, float] = {}
         if settings.ce > 0:
             ce = kl_soft_targets(student_ce_logits, teacher_logits, settings.temperature)
-            total, parts["ce"] = total + settings.ce * ce, float(ce)
+            total, parts["ce"] = total + settings.ce * ce, float(ce.detach())
         if settings.mlm > 0:
             if masked.any():
                 mlm = F.cross_entropy(student_mlm_logits.float(), batch["labels"][masked])
             else:  # nothing masked in this batch: a zero that keeps the graph
                 mlm = student_mlm_logits.sum() * 0.0
-            total, parts["mlm"] = total + settings.mlm * mlm, float(mlm)
+            total, parts["mlm"] = total + settings.mlm * mlm, float(mlm.detach())
         if settings.cos > 0:
             cos = cosine_loss(student_hidden[real], teacher_hidden[real])
-            total, parts["cos"] = total + settings.cos * cos, float(cos)
+            total, parts["cos"] = total + settings.cos * cos, float(cos.detach())
         return total, parts
 
     return compute_loss

@@ -71,10 +71,10 @@ def prediction_loss(
         parts: dict[str, float] = {}
         if a < 1.0:
             distill = distillation_term(logits, teacher_logits(batch["example_id"]), settings, is_regression)
-            total, parts["distill"] = total + (1.0 - a) * distill, float(distill)
+            total, parts["distill"] = total + (1.0 - a) * distill, float(distill.detach())
         if a > 0.0:
             hard = hard_label_loss(logits, batch["labels"], is_regression)
-            total, parts["hard"] = total + a * hard, float(hard)
+            total, parts["hard"] = total + a * hard, float(hard.detach())
         return total, parts
 
     return compute_loss
