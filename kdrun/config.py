@@ -242,7 +242,7 @@ class FitMlmHeadConfig:
     # The last sequences of the packed corpus, never trained on, for masked-token accuracy.
     heldout_sequences: int = 500
     mlm_probability: float = 0.15
-    # Also train the encoder's top N layers. 0 keeps the teacher intact (what DistilBERT's
+    # Also train the encoder's top N layers (N >= depth: all). 0 keeps the teacher intact (what DistilBERT's
     # losses need); a sentence-embedding teacher like MiniLM-L6 has pooled away most
     # token identity in its last layer, so a useful augmentation LM needs N > 0.
     train_top_layers: int = 0

@@ -43,9 +43,8 @@ class MlmHeadOnFrozenEncoder(nn.Module):
         self.train_top_layers = train_top_layers
         if train_top_layers:
             layers = self.mlm.base_model.encoder.layer
-            if train_top_layers > len(layers):
-                raise ValueError(f"fit_mlm_head.train_top_layers={train_top_layers} but the encoder has {len(layers)} layers")
-            for layer in layers[len(layers) - train_top_layers :]:
+            # More than the encoder has means all of them (a config written for a deeper teacher).
+            for layer in layers[max(len(layers) - train_top_layers, 0) :]:
                 layer.requires_grad_(True)
 
     @property
