@@ -82,7 +82,6 @@ def main() -> None:
                 chunk, seed=0, candidates_of=lambda texts: [augmenter.candidates_reference(t) for t in texts]
             )))
             reference, reference_seconds = reference + rows, reference_seconds + seconds
-        again = batched_cold_rows
         plans = augmenter._plans([text for _, text, _ in examples])
 
     nlp = load_tagger()
@@ -97,7 +96,7 @@ def main() -> None:
         "glove_words": sum(len(p.by_glove) for p in plans),
         "torch_threads": torch.get_num_threads(),
         "tinybert_rows": len(batched),
-        "identical_to_reference": batched == reference == again,
+        "identical_to_reference": batched == reference == batched_cold_rows,
         "reference_sentences_per_s": round(n / reference_seconds, 2),
         "batched_sentences_per_s_cold_glove_table": round(n / batched_cold, 2),
         "batched_sentences_per_s": round(n / batched_warm, 2),
