@@ -148,10 +148,41 @@ class AugmentConfig:
 
 
 @dataclass
+class HessianConfig:
+    """Q-BERT's sensitivity: top Hessian eigenvalue per encoder layer over a few training batches."""
+
+    batches: int = 4
+    batch_size: int = 32
+    max_iterations: int = 20
+    tolerance: float = 1.0e-3
+    seed: int = 0
+
+
+@dataclass
 class QuantizeConfig:
-    """Quantization recipe; ``none`` keeps full precision."""
+    """Quantization recipe (Q-BERT, Shen et al. 2020); ``none`` keeps full precision.
+
+    ``qbert``: every encoder layer at ``weight_bits``, ``groups`` ranges per matrix,
+    quantization-aware fine-tuning. ``qbert_mp``: the more Hessian-sensitive layers
+    at the higher width of ``mixed_bits`` under ``target_average_bits`` (null:
+    midway). ``direct`` (DirectQ): one range per matrix, no fine-tuning.
+    ``groups``: 1 = per matrix, -1 = one range per row; a multiple of the head count
+    keeps attention groups within heads.
+    """
 
     name: str = "none"
+    weight_bits: int = 8
+    mixed_bits: list[int] = field(default_factory=lambda: [2, 4])
+    target_average_bits: Optional[float] = None
+    groups: int = 128
+    embedding_bits: Optional[int] = 8
+    activation_bits: Optional[int] = 8
+    finetune: bool = True
+    # Fine-tune towards the full-precision model's logits (soft cross-entropy) instead of the labels.
+    distill_from_full_precision: bool = False
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, learning_rate=2e-5))
+    hessian: HessianConfig = field(default_factory=HessianConfig)
+    keep_best: bool = True
 
 
 @dataclass
@@ -277,6 +308,8 @@ class EvaluateConfig:
     measure_latency: bool = True
     # Write GLUE-submission TSVs for the test split(s) into the run directory.
     predict_test: bool = False
+    # Also export the model to int8 CPU kernels (dynamic int8 linear layers) and time and score it.
+    int8: bool = False
 
 
 @dataclass

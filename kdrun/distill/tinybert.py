@@ -19,7 +19,7 @@ from kdrun.distill.losses import ObjectiveConfig, TinyBertObjective, WidthProjec
 from kdrun.distill.mapping import LayerMapping
 from kdrun.models.inputs import forward_inputs
 from kdrun.models.capture import forward_with_capture
-from kdrun.predict import model_inputs
+from kdrun.predict import model_inputs, predict_logits
 
 PROJECTIONS_FILE = "projections.safetensors"
 
@@ -133,3 +133,14 @@ class TeacherLogits:
     def load(cls, path: Path) -> TeacherLogits:
         tensors = load_file(str(path))
         return cls(tensors["ids"], tensors["logits"])
+
+    @classmethod
+    def cached(cls, model: nn.Module, features: Any, collate: Any, batch_size: int, path: Path) -> TeacherLogits:
+        """``model``'s logits on ``features`` (which need an ``id`` column), computed once and kept at
+        ``path`` inside the stage's output, so that a resumed run does not recompute them."""
+        if path.is_file():
+            return cls.load(path)
+        logits = predict_logits(model, features, collate, batch_size)
+        table = cls(torch.tensor(features["id"]), torch.from_numpy(logits))
+        table.save(path)
+        return table

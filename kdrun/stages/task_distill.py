@@ -26,7 +26,7 @@ from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits, object
 from kdrun.models.loading import load_for_sequence_classification, load_model_config, load_tokenizer
 from kdrun.models.students import bilstm_student_for_task, distil_student_for_task, student_bert_config, student_for_task
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
-from kdrun.predict import main_metric_key, predict_logits, score_dev_sets
+from kdrun.predict import main_metric_key, score_dev_sets
 from kdrun.stages import task_data
 from kdrun.stages.augment import load_augmented
 from kdrun.train import TrainingJob, TrainOutcome, get_accelerator, seed_everything, train
@@ -156,7 +156,9 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         if settings.hard_weight < 1.0:
             teacher_set = train_set if tokenizer is teacher_tokenizer else task_data.tokenized({"train": train_examples}, teacher_tokenizer, cfg)["train"]
             teacher_collate = collate if tokenizer is teacher_tokenizer else task_data.collator(teacher_tokenizer, task)
-            logits = _teacher_logits(teacher, teacher_set, teacher_collate, cfg, out_dir / "teacher_logits.safetensors")
+            logits = TeacherLogits.cached(
+                teacher, teacher_set, teacher_collate, cfg.task_distill.prediction.train.eval_batch_size, out_dir / "teacher_logits.safetensors"
+            )
         seed_everything(cfg.task_distill.prediction.train.seed)
         outcome = _train_once(
             TrainingJob(
@@ -190,16 +192,6 @@ def _train_once(job: TrainingJob, settings: DictConfig, device: DictConfig, step
     record = {k: v for k, v in dataclasses.asdict(outcome).items() if k != "model_dir"}
     done.write_text(json.dumps(record, default=str))
     return outcome
-
-
-def _teacher_logits(teacher, train_set, collate, cfg: DictConfig, path: Path) -> TeacherLogits:
-    """Computed once per stage output (and kept there, so a resumed run does not recompute them)."""
-    if path.is_file():
-        return TeacherLogits.load(path)
-    logits = predict_logits(teacher, train_set, collate, cfg.task_distill.prediction.train.eval_batch_size)
-    table = TeacherLogits(torch.tensor(train_set["id"]), torch.from_numpy(logits))
-    table.save(path)
-    return table
 
 
 STAGE = register(

@@ -1,0 +1,83 @@
+"""Stage sensitivity: Q-BERT's Hessian spectrum of each encoder layer of the model before it.
+
+Takes the model of the last model-producing stage (a fine-tuned teacher or a
+distilled student), draws ``quantize.hessian.batches`` seeded batches of training
+examples, and computes each layer's top Hessian eigenvalue of the task loss per
+batch by power iteration (:mod:`kdrun.quant.hessian`). Writes ``sensitivity.json``
+and a plot. Cached, so every mixed-precision row of a sweep shares one computation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from kdrun.data.glue import sample_examples
+from kdrun.models.capture import attention_implementation
+from kdrun.pipeline import Stage, StageOutput, register
+from kdrun.plots import plot_sensitivities
+from kdrun.predict import model_inputs
+from kdrun.quant.hessian import PowerIterationSettings, layer_sensitivities
+from kdrun.quant.modules import encoder_layers
+from kdrun.stages import task_data
+
+RESULT_FILE = "sensitivity.json"
+
+
+def read_sensitivities(stage_dir: Path) -> list[dict[str, Any]]:
+    return json.loads((stage_dir / RESULT_FILE).read_text())["layers"]
+
+
+def print_sensitivity_table(layers: list[dict[str, Any]], bits: tuple[int, ...] | None = None, title: str = "") -> None:
+    table = Table(title=title or "Hessian sensitivity per encoder layer")
+    for column in ("layer", "top eigenvalue (mean)", "std", "mean + std") + (("bits",) if bits else ()):
+        table.add_column(column, justify="right")
+    for index, layer in enumerate(layers):
+        row = [str(layer["layer"]), f"{layer['mean']:.4g}", f"{layer['std']:.3g}", f"{layer['sensitivity']:.4g}"]
+        table.add_row(*row, *((str(bits[index]),) if bits else ()))
+    Console().print(table)
+
+
+def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+    settings = cfg.quantize.hessian
+    task = task_data.task_of(cfg)
+    model_dir = list(inputs.values())[-1].path / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    examples = sample_examples(task_data.train_examples(cfg), settings.batches * settings.batch_size, settings.seed)
+    features = task_data.tokenized({"train": examples}, tokenizer, cfg)["train"]
+    collate = task_data.collator(tokenizer, task)
+    batches = [
+        collate([features[i] for i in range(start, min(start + settings.batch_size, len(features)))])
+        for start in range(0, len(features), settings.batch_size)
+    ]
+
+    def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**model_inputs(batch, model=model), labels=batch["labels"]).loss
+
+    power = PowerIterationSettings(settings.max_iterations, settings.tolerance, settings.seed)
+    # Double backward through attention needs the eager implementation (SDPA's CPU kernel has no second derivative).
+    with attention_implementation(model, "eager"):
+        layers = layer_sensitivities(model, encoder_layers(model), batches, task_loss, power)
+    rows = [layer.as_dict() for layer in layers]
+    (out_dir / RESULT_FILE).write_text(json.dumps({"task": task.name, "batches": len(batches), "layers": rows}, indent=2))
+    plot_sensitivities([s.mean for s in layers], [s.std for s in layers], out_dir / "sensitivity", title=f"{task.name}: Hessian sensitivity")
+    print_sensitivity_table(rows)
+    return {"batches": len(batches), "sensitivity": [round(s.sensitivity, 6) for s in layers]}
+
+
+STAGE = register(
+    Stage(
+        name="sensitivity",
+        run=run,
+        reads=("task", "data.max_seq_length", "data.max_train_examples", "data.sample_seed", "quantize.hessian"),
+        consumes_model=True,
+    )
+)
