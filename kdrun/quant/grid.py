@@ -6,9 +6,10 @@ negative integer keeps zero exact and the grid symmetric, which Q-BERT's
 symmetric quantizer needs; a packed weight still takes b bits.
 
 A range (scale ``s = max|x| / qmax``) is shared by one *group*: a block of contiguous
-rows along ``axis``. ``groups=1`` is one range per tensor, ``groups=-1`` one per row,
-and G rows-groups of an attention matrix whose rows are laid out head after head are
-aligned to heads whenever G is a multiple of the head count.
+rows along ``axis`` (G blocks of equal size when G divides the rows, else sizes
+differing by one). ``groups=1`` is one range per tensor, ``groups=-1`` one per row,
+and the G groups of an attention matrix whose rows are laid out head after head
+are aligned to heads whenever G is a multiple of the head count that divides the rows.
 """
 
 from __future__ import annotations
@@ -29,39 +30,47 @@ def max_level(bits: int) -> int:
 def group_count(rows: int, groups: int) -> int:
     """``groups`` resolved against a tensor's row count (``-1`` = one group per row)."""
     count = rows if groups == PER_ROW else groups
-    if count < 1 or rows % count:
-        raise ValueError(
-            f"cannot split {rows} rows into {groups} equal groups; use a divisor of {rows} "
-            f"(e.g. 1, the head count, or {rows}) or -1 for one group per row"
-        )
+    if not 1 <= count <= rows:
+        raise ValueError(f"cannot split {rows} rows into {groups} groups; use 1..{rows}, or -1 for one group per row")
     return count
+
+
+def group_of_rows(rows: int, groups: int) -> Tensor:
+    """The group of each row: G contiguous blocks, equal when G divides the rows, else differing by one row."""
+    return torch.arange(rows) * group_count(rows, groups) // rows
 
 
 def group_slices(rows: int, groups: int) -> list[slice]:
     """The rows each group covers, in order."""
-    count = group_count(rows, groups)
-    size = rows // count
-    return [slice(g * size, (g + 1) * size) for g in range(count)]
+    starts = torch.searchsorted(group_of_rows(rows, groups), torch.arange(group_count(rows, groups))).tolist()
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [rows])]
 
 
-def _grouped(x: Tensor, groups: int, axis: int) -> tuple[Tensor, torch.Size]:
-    moved = x.movedim(axis, 0)
-    return moved.reshape(group_count(moved.shape[0], groups), -1), moved.shape
+def _row_scales(rows_first: Tensor, bits: int, groups: int) -> Tensor:
+    """Each row's scale: its group's largest magnitude maps to the top grid level."""
+    rows = rows_first.shape[0]
+    index = group_of_rows(rows, groups).to(rows_first.device)
+    row_max = rows_first.reshape(rows, -1).abs().amax(dim=1)
+    group_max = torch.zeros(group_count(rows, groups), dtype=row_max.dtype, device=row_max.device)
+    group_max = group_max.scatter_reduce(0, index, row_max, reduce="amax")
+    return group_max.clamp(min=torch.finfo(torch.float32).tiny)[index] / max_level(bits)
 
 
 def group_scales(x: Tensor, bits: int, groups: int = 1, axis: int = 0) -> Tensor:
-    """One scale per group: the group's largest magnitude maps to the top grid level."""
-    grouped, _ = _grouped(x.detach(), groups, axis)
-    return grouped.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / max_level(bits)
+    """One scale per group, in group order."""
+    moved = x.detach().movedim(axis, 0)
+    scales = _row_scales(moved, bits, groups)
+    return torch.stack([scales[s][0] for s in group_slices(moved.shape[0], groups)])
 
 
 def fake_quantize(x: Tensor, bits: int, groups: int = 1, axis: int = 0) -> Tensor:
     """``x`` rounded to the nearest point of its group's grid (no gradient path)."""
-    grouped, moved_shape = _grouped(x.detach(), groups, axis)
+    moved = x.detach().movedim(axis, 0)
+    rows = moved.reshape(moved.shape[0], -1)
+    scale = _row_scales(moved, bits, groups)[:, None]
     level = max_level(bits)
-    scale = grouped.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / level
-    snapped = torch.clamp(torch.round(grouped / scale), -level, level) * scale
-    return snapped.reshape(moved_shape).movedim(0, axis)
+    snapped = torch.clamp(torch.round(rows / scale), -level, level) * scale
+    return snapped.reshape(moved.shape).movedim(0, axis)
 
 
 def quantize_dequantize(x: Tensor, bits: int, groups: int = 1, axis: int = 0) -> Tensor:

@@ -1,3 +1,12 @@
 """Pipeline stages, one module each; importing this package registers them."""
 
-from kdrun.stages import augment, evaluate, finetune_teacher, fit_mlm_head, general_distill, task_distill  # noqa: F401
+from kdrun.stages import (  # noqa: F401
+    augment,
+    evaluate,
+    finetune_teacher,
+    fit_mlm_head,
+    general_distill,
+    quantize,
+    sensitivity,
+    task_distill,
+)

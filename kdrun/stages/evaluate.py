@@ -9,10 +9,12 @@ latency belongs to the machine the run is on.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
@@ -22,6 +24,9 @@ from kdrun.data.submission import write_glue_submission
 from kdrun.models.loading import count_parameters
 from kdrun.models.inputs import forward_inputs
 from kdrun.models.measure import median_latency_ms, size_on_disk
+from kdrun.quant.int8 import export_int8
+from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, materialize
+from kdrun.quant.size import packed_size
 from kdrun.pipeline import Stage, StageOutput, register
 from kdrun.predict import logits_to_predictions, main_metric_key, predict_logits, score_dev_sets
 from kdrun.stages import task_data
@@ -46,6 +51,25 @@ def _latency(model, tokenizer, texts_a: list[str], texts_b: list[str] | None, cf
     return results
 
 
+def _int8_export(model, tokenizer, task, dev_sets, collate, latency_texts, cfg: DictConfig) -> dict[str, Any]:
+    """Score and time the model on real int8 CPU kernels beside its full-precision graph, in one process.
+
+    Both run on the CPU from the same (grid) weights, so the ratio is the speed-up of
+    the kernels alone; scoring the int8 model shows what its re-quantization costs.
+    """
+    cpu = torch.device("cpu")
+    full_precision = materialize(copy.deepcopy(model)).to(cpu).eval()
+    int8_model = export_int8(full_precision)
+    result: dict[str, Any] = {"dev": score_dev_sets(int8_model, task, dev_sets, collate, cfg.evaluate.batch_size)}
+    fp32 = _latency(full_precision, tokenizer, *latency_texts, cfg, cpu)
+    int8 = _latency(int8_model, tokenizer, *latency_texts, cfg, cpu)
+    for batch_size in cfg.evaluate.latency_batch_sizes:
+        key = f"latency_ms_bs{batch_size}"
+        result[f"fp32_{key}"], result[f"int8_{key}"] = fp32[key], int8[key]
+        result[f"speedup_bs{batch_size}"] = round(fp32[key] / int8[key], 3)
+    return result
+
+
 def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
     task = task_data.task_of(cfg)
     source = list(inputs.values())[-1]
@@ -57,17 +81,22 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
 
     dev_examples = task_data.dev_examples(cfg)
     dev_sets = task_data.tokenized(dev_examples, tokenizer, cfg)
-    metrics = score_dev_sets(model, task, dev_sets, collate, cfg.evaluate.batch_size)
     efficiency: dict[str, Any] = {
         "parameters": count_parameters(model),
         "size_on_disk_bytes": size_on_disk(model_dir),
         "device": str(accelerator.device),
         "latency_seq_length": cfg.evaluate.latency_seq_length,
     }
-    if cfg.evaluate.measure_latency:
-        first = next(iter(dev_examples.values()))
-        texts_b = list(first["text_b"]) if task.is_pair else None
-        efficiency.update(_latency(model, tokenizer, list(first["text_a"]), texts_b, cfg, accelerator.device))
+    first = next(iter(dev_examples.values()))
+    latency_texts = (list(first["text_a"]), list(first["text_b"]) if task.is_pair else None)
+    if cfg.evaluate.measure_latency:  # of the plain full-precision graph, before any fake quantization
+        efficiency.update(_latency(model, tokenizer, *latency_texts, cfg, accelerator.device))
+    plan = QuantizationPlan.load(model_dir)
+    if plan is not None:
+        enable_fake_quantization(model, plan)
+        efficiency["quantization"] = {"layer_bits": list(plan.layer_bits), "groups": plan.groups, **packed_size(model, plan)}
+    metrics = score_dev_sets(model, task, dev_sets, collate, cfg.evaluate.batch_size)
+    int8 = _int8_export(model, tokenizer, task, dev_sets, collate, latency_texts, cfg) if cfg.evaluate.int8 else None
 
     submissions: list[str] = []
     if cfg.evaluate.predict_test:
@@ -87,6 +116,8 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         "efficiency": efficiency,
         "submissions": submissions,
     }
+    if int8 is not None:
+        summary["int8"] = int8
     if accelerator.is_main_process:
         print_summary(task.name, source.name, summary)
     return summary
@@ -100,6 +131,11 @@ def print_summary(task_name: str, model_from: str, summary: dict[str, Any]) -> N
         table.add_row(f"dev {name}", f"{100 * value:.2f}")
     for name, value in summary["efficiency"].items():
         table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))
+    for name, value in summary.get("int8", {}).items():
+        if name == "dev":
+            table.add_row("int8 kernels: dev", ", ".join(f"{k} {100 * v:.2f}" for k, v in value.items()))
+        else:
+            table.add_row(f"int8 kernels: {name}", str(value))
     for path in summary["submissions"]:
         table.add_row("submission", path)
     Console().print(table)

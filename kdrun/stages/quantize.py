@@ -1,0 +1,163 @@
+"""Stage quantize: Q-BERT quantization of the model before it (Shen et al., AAAI 2020).
+
+Takes the model of the last model-producing stage, chooses bits per encoder layer
+(uniform, or mixed by the ``sensitivity`` stage's Hessian spectrum), makes it
+compute on those grids (group-wise weight ranges, 8-bit embeddings and
+activations), optionally fine-tunes it quantization-aware through the shared
+training loop (on the labels, or distilling the full-precision model's logits),
+and writes ``model/`` (latent weights + ``quantization.json``) and ``bits.json``.
+``quantize=none`` passes the model through, so the fp32 row of a sweep is one
+more value of the same group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
+from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits
+from kdrun.pipeline import PipelineError, Stage, StageOutput, register
+from kdrun.plots import plot_sensitivities
+from kdrun.predict import main_metric_key, score_dev_sets
+from kdrun.quant.allocation import mixed_precision_bits, uniform_bits
+from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, encoder_layers
+from kdrun.quant.size import packed_size
+from kdrun.stages import task_data
+from kdrun.stages.sensitivity import print_sensitivity_table, read_sensitivities
+from kdrun.train import TrainingJob, seed_everything, train
+
+logger = logging.getLogger(__name__)
+
+RECIPES = ("none", "qbert", "qbert_mp", "direct")
+BITS_FILE = "bits.json"
+
+
+def check(cfg: DictConfig) -> None:
+    settings = cfg.quantize
+    if settings.name not in RECIPES:
+        raise PipelineError(f"quantize={settings.name} is unknown; choose one of {RECIPES}.")
+    if settings.name == "qbert_mp":
+        if len(settings.mixed_bits) != 2:
+            raise PipelineError(f"quantize.mixed_bits must be a pair [low, high], got {list(settings.mixed_bits)}.")
+        if "sensitivity" not in cfg.pipeline.stages:
+            raise PipelineError("quantize=qbert_mp allocates bits by Hessian sensitivity: add 'sensitivity' before 'quantize' in pipeline.stages.")
+
+
+def wants(cfg: DictConfig, name: str) -> bool:
+    return name != "sensitivity" or cfg.quantize.name == "qbert_mp"
+
+
+def bit_plan(settings: DictConfig, num_layers: int, sensitivities: list[dict[str, Any]] | None) -> QuantizationPlan:
+    if settings.name == "qbert_mp":
+        low, high = settings.mixed_bits
+        bits = mixed_precision_bits([layer["sensitivity"] for layer in sensitivities], low, high, settings.target_average_bits)
+    else:
+        bits = uniform_bits(num_layers, settings.weight_bits)
+    return QuantizationPlan(tuple(bits), settings.groups, settings.embedding_bits, settings.activation_bits)
+
+
+def print_bits_table(plan: QuantizationPlan, size: dict[str, Any], title: str) -> None:
+    table = Table(title=title)
+    table.add_column("encoder layer", justify="right")
+    table.add_column("weight bits", justify="right")
+    for layer, bits in enumerate(plan.layer_bits, start=1):
+        table.add_row(str(layer), str(bits))
+    table.caption = (
+        f"groups {plan.groups}, embeddings {plan.embedding_bits}-bit, activations {plan.activation_bits}-bit; "
+        f"packed {size['packed_bytes'] / 1e6:.2f} MB ({size['compression']}x smaller than fp32)"
+    )
+    Console().print(table)
+
+
+def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+    settings = cfg.quantize
+    source_dir = list(inputs.values())[-1].path / "model"
+    if settings.name == "none":
+        (out_dir / "model").symlink_to(source_dir.resolve(), target_is_directory=True)
+        return {"model_dir": "model", "quantized": False}
+
+    task = task_data.task_of(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(source_dir)
+    sensitivities = read_sensitivities(inputs["sensitivity"].path) if "sensitivity" in inputs else None
+    plan = bit_plan(settings, len(encoder_layers(model)), sensitivities)
+    collate = task_data.collator(tokenizer, task)
+    dev_sets = task_data.tokenized(task_data.dev_examples(cfg), tokenizer, cfg)
+
+    def save_model(wrapper: torch.nn.Module, directory: Path) -> None:
+        wrapper.student.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        plan.save(directory)
+
+    def evaluate(wrapper: torch.nn.Module) -> dict[str, float]:
+        return score_dev_sets(wrapper.student, task, dev_sets, collate, settings.train.eval_batch_size)
+
+    summary: dict[str, Any] = {"model_dir": "model", "quantized": True, "plan": plan.__dict__ | {"layer_bits": list(plan.layer_bits)}}
+    if settings.finetune:
+        train_set = task_data.tokenized({"train": task_data.train_examples(cfg)}, tokenizer, cfg)["train"]
+        full_precision_logits = None
+        if settings.distill_from_full_precision:
+            full_precision_logits = TeacherLogits.cached(
+                model, train_set, collate, settings.train.eval_batch_size, out_dir / "full_precision_logits.safetensors"
+            )
+        loss_settings = PredictionLossSettings(hard_weight=0.0 if settings.distill_from_full_precision else 1.0)
+        seed_everything(settings.train.seed)
+        enable_fake_quantization(model, plan)
+        outcome = train(
+            TrainingJob(
+                model=StudentWithProjections(model),
+                train_features=train_set,
+                collate=collate,
+                compute_loss=prediction_loss(loss_settings, task.is_regression, full_precision_logits),
+                save_model=save_model,
+                evaluate=evaluate,
+                best_metric=main_metric_key(task),
+                keep_best=settings.keep_best,
+                description=f"quantize ({settings.name}) {task.name}",
+            ),
+            settings.train,
+            cfg.device,
+            out_dir / "qat",
+        )
+        outcome.model_dir.rename(out_dir / "model")
+        summary.update(train_examples=len(train_set), **outcome.summary())
+    else:
+        enable_fake_quantization(model, plan)
+        save_model(StudentWithProjections(model), out_dir / "model")
+        summary["best_dev"] = evaluate(StudentWithProjections(model))
+
+    size = packed_size(model, plan)
+    summary["size"] = size
+    (out_dir / BITS_FILE).write_text(json.dumps({"layer_bits": list(plan.layer_bits), "plan": summary["plan"], "sensitivity": sensitivities, "size": size}, indent=2))
+    title = f"{task.name}: {settings.name} bits per layer"
+    if sensitivities is not None:
+        print_sensitivity_table(sensitivities, plan.layer_bits, title)
+        plot_sensitivities(
+            [layer["mean"] for layer in sensitivities], [layer["std"] for layer in sensitivities], out_dir / "bits",
+            plan.layer_bits, title,
+        )
+    print_bits_table(plan, size, title)
+    return summary
+
+
+STAGE = register(
+    Stage(
+        name="quantize",
+        run=run,
+        check=check,
+        reads=("task", "data.max_seq_length", "data.max_train_examples", "data.max_eval_examples", "data.sample_seed", "quantize"),
+        uses=("sensitivity",),
+        wants=wants,
+        consumes_model=True,
+        produces_model=True,
+    )
+)
