@@ -313,6 +313,20 @@ class EvaluateConfig:
 
 
 @dataclass
+class ReportConfig:
+    """How a sweep becomes a table (``kdrun.report``): cells of ``metric`` by ``rows`` x ``columns``,
+    all fields of results.json; ``reference``: published numbers (kdrun/references/<name>.yaml)."""
+
+    rows: str = "ablation"
+    columns: str = "task"
+    metric: str = "main_score"
+    scale: float = 100.0
+    reference: Optional[str] = None
+    # Show each cell minus this row's value (e.g. ``none`` for DistilBERT's ablation deltas).
+    relative_to: Optional[str] = None
+
+
+@dataclass
 class PipelineConfig:
     stages: list[str] = field(default_factory=lambda: ["finetune_teacher", "evaluate"])
 
@@ -347,6 +361,7 @@ class KdrunConfig:
     task_distill: TaskDistillConfig = field(default_factory=TaskDistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 

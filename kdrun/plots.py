@@ -42,3 +42,50 @@ def plot_sensitivities(
     axes.set_xticks(layers)
     axes.set_title(title)
     return save_figure(figure, stem)
+
+
+def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[tuple[str, float, float]]:
+    """The points no other point beats on both cost (x, lower is better) and score (y, higher is better), by x."""
+    ordered = sorted(points, key=lambda p: (p[1], -p[2]))
+    front: list[tuple[str, float, float]] = []
+    for point in ordered:
+        if not front or point[2] > front[-1][2]:
+            front.append(point)
+    return front
+
+
+def plot_pareto(points: Sequence[tuple[str, float, float]], x_label: str, y_label: str, stem: Path, title: str = "") -> list[Path]:
+    """Score against a cost (parameters, size or latency) for every model of a sweep, the Pareto front joined."""
+    figure, axes = plt.subplots(figsize=(5.5, 3.8))
+    axes.scatter([p[1] for p in points], [p[2] for p in points], color="tab:gray", zorder=2)
+    front = pareto_front(points)
+    axes.plot([p[1] for p in front], [p[2] for p in front], color="tab:red", marker="o", zorder=3, label="Pareto front")
+    for label, x, y in points:
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    axes.set_title(title)
+    axes.legend(frameon=False, loc="lower right")
+    return save_figure(figure, stem)
+
+
+def plot_training_curves(histories: dict[str, list[dict]], stem: Path, title: str = "") -> list[Path]:
+    """Training loss (and every logged dev metric) against optimizer steps, one panel row per stage."""
+    figure, all_axes = plt.subplots(len(histories), 2, figsize=(9, 2.6 * len(histories)), squeeze=False)
+    for (stage, history), (loss_axes, eval_axes) in zip(histories.items(), all_axes):
+        losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+        if losses:
+            loss_axes.plot(*zip(*losses), color="tab:blue")
+        loss_axes.set_title(f"{stage}: training loss", fontsize=9)
+        loss_axes.set_xlabel("step")
+        metrics = sorted({k for h in history for k in h if k.startswith("eval_")})
+        for metric in metrics:
+            values = [(h["step"], h[metric]) for h in history if metric in h]
+            eval_axes.plot(*zip(*values), marker="o", label=metric.removeprefix("eval_"))
+        eval_axes.set_title(f"{stage}: dev", fontsize=9)
+        eval_axes.set_xlabel("step")
+        if metrics:
+            eval_axes.legend(frameon=False, fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return save_figure(figure, stem)

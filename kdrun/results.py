@@ -23,10 +23,14 @@ def build_results(cfg: DictConfig, outputs: dict[str, StageOutput], overrides: l
     record: dict[str, Any] = {
         "kdrun_version": __version__,
         "experiment": cfg.experiment_name,
+        # The experiment without its task (tinybert_mrpc -> tinybert): a row key across tasks.
+        "recipe": cfg.experiment_name.removesuffix(f"_{cfg.task.name}"),
         "task": cfg.task.name,
+        "ablation": cfg.ablation,
         "scale": cfg.scale,
         "choices": {group: OmegaConf.select(cfg, f"{group}.name") for group in ("teacher", "student", "distill", "augment", "quantize", "device")},
         "overrides": overrides,
+        "report": OmegaConf.to_container(cfg.report, resolve=True),
         "stages": {
             name: {"key": out.key, "cache": out.cache, "path": str(out.path), "seconds": round(out.seconds, 2), "summary": out.summary}
             for name, out in outputs.items()
@@ -35,6 +39,8 @@ def build_results(cfg: DictConfig, outputs: dict[str, StageOutput], overrides: l
     if "evaluate" in outputs:
         evaluation = outputs["evaluate"].summary
         record.update(metrics=evaluation["dev"], main_metric=evaluation["main_metric"], main_score=evaluation["main_score"], efficiency=evaluation["efficiency"])
+        if "int8" in evaluation:
+            record["int8"] = evaluation["int8"]
     return record
 
 

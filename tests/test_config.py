@@ -38,7 +38,9 @@ def test_experiment_composes_validates_and_plans(experiment: str, scale: str) ->
     typed = OmegaConf.to_object(cfg)  # raises on any missing or ill-typed value
     assert isinstance(typed, KdrunConfig)
     stages = plan(cfg)
-    assert [s.stage.name for s in stages] == list(cfg.pipeline.stages)
+    # Listed stages that nothing wants with this config are skipped: the Hessian spectrum without mixed precision.
+    skipped = ["sensitivity"] if cfg.quantize.name != "qbert_mp" else []
+    assert [s.stage.name for s in stages] == [name for name in cfg.pipeline.stages if name not in skipped]
     assert all(len(s.key) == 16 for s in stages)
 
 

@@ -1,0 +1,343 @@
+"""Sweeps into paper tables: collect ``results.json`` files, aggregate, render, compare with the paper.
+
+A table's rows and columns are fields of ``results.json`` (``report.rows`` /
+``report.columns``, e.g. ``ablation`` x ``task``), its cells the mean (+- sample std
+over repeated runs such as seeds) of ``report.metric``. When ``report.reference``
+names a YAML file of published numbers (``kdrun/references/<name>.yaml`` or a
+path), each cell gets the published value and the difference beside it. Every
+table is printed with rich and written as ``summary.csv``, ``summary.md`` and
+``summary.tex``; score-vs-size and score-vs-latency Pareto plots and training
+curves go beside them.
+
+    python -m kdrun.report DIR [DIR ...] [--rows ablation] [--columns task] [--reference tinybert_table3] [--out DIR]
+
+Each DIR is a sweep directory, a run directory, or any tree holding them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+RESULTS_FILE = "results.json"
+REFERENCES_DIR = Path(__file__).resolve().parent / "references"
+DEFAULT_SETTINGS = {"rows": "ablation", "columns": "task", "metric": "main_score", "scale": 100.0, "reference": None, "relative_to": None}
+# Per-row measures shown after the score columns when the runs report them (mean over the row's runs).
+EFFICIENCY_FIELDS = {
+    "params (M)": ("efficiency.parameters", 1e-6),
+    "size (MB)": ("efficiency.quantization.packed_bytes", 1e-6),
+    "compression": ("efficiency.quantization.compression", 1.0),
+    "latency bs1 (ms)": ("efficiency.latency_ms_bs1", 1.0),
+    "int8 speed-up bs1": ("int8.speedup_bs1", 1.0),
+    "int8 speed-up bs32": ("int8.speedup_bs32", 1.0),
+}
+
+
+class ReportError(ValueError):
+    """The runs cannot be made into the requested table; the message says what to change."""
+
+
+def field_value(record: dict[str, Any], path: str) -> Any:
+    """``a.b.c`` looked up in nested dicts; None when any part is missing."""
+    value: Any = record
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def find_results(paths: Iterable[Path]) -> list[Path]:
+    found: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_file() and path.name == RESULTS_FILE:
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(path.rglob(RESULTS_FILE)))
+        else:
+            raise ReportError(f"{path} is neither a run/sweep directory nor a {RESULTS_FILE} file.")
+    return found
+
+
+def load_runs(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    runs = []
+    for path in find_results(paths):
+        record = json.loads(path.read_text())
+        record["_path"] = str(path.parent)
+        runs.append(record)
+    return runs
+
+
+def load_reference(name: str | None) -> dict[str, Any] | None:
+    """Published numbers: a YAML path or a name in kdrun/references; ``a,b`` merges the rows of several
+    tables (e.g. TinyBERT's Tables 2-4, which share their first row)."""
+    if not name:
+        return None
+    tables = [_reference_file(part.strip()) for part in name.split(",")]
+    if len(tables) == 1:
+        return tables[0]
+    merged: dict[str, Any] = {"source": "; ".join(t.get("source", "?") for t in tables), "split": tables[0].get("split"), "rows": {}}
+    for table in tables:
+        for row, values in (table.get("rows") or {}).items():
+            merged["rows"].setdefault(row, values)
+    return merged
+
+
+def _reference_file(name: str) -> dict[str, Any]:
+    path = Path(name)
+    if not path.is_file():
+        path = REFERENCES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in REFERENCES_DIR.glob("*.yaml"))
+        raise ReportError(f"reference table '{name}' not found (a YAML path or one of {known}).")
+    return yaml.safe_load(path.read_text())
+
+
+@dataclass
+class Cell:
+    values: list[float]
+    published: float | None = None
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.mean is None or self.published is None else self.mean - self.published
+
+    def text(self) -> str:
+        if self.mean is None:
+            return "-"
+        return f"{self.mean:.2f} ± {self.std:.2f}" if self.std is not None else f"{self.mean:.2f}"
+
+
+@dataclass
+class SweepTable:
+    title: str
+    row_field: str
+    column_field: str
+    rows: list[str]
+    columns: list[str]
+    cells: dict[tuple[str, str], Cell]
+    extras: dict[str, dict[str, float]] = field(default_factory=dict)  # measure -> row -> value
+    reference: dict[str, Any] | None = None
+
+    @property
+    def has_reference(self) -> bool:
+        return any(cell.published is not None for cell in self.cells.values())
+
+    def header(self) -> list[str]:
+        names = [self.row_field]
+        for column in self.columns:
+            names.append(column)
+            if self.has_reference:
+                names += [f"{column} (paper)", f"{column} Δ"]
+        return names + list(self.extras)
+
+    def body(self, number: str = "{:.2f}") -> list[list[str]]:
+        lines = []
+        for row in self.rows:
+            line = [row]
+            for column in self.columns:
+                cell = self.cells.get((row, column), Cell([]))
+                line.append(cell.text())
+                if self.has_reference:
+                    line.append("-" if cell.published is None else number.format(cell.published))
+                    line.append("-" if cell.difference is None else f"{cell.difference:+.2f}")
+            for values in self.extras.values():
+                value = values.get(row)
+                line.append("-" if value is None else f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}")
+            lines.append(line)
+        return lines
+
+
+def report_settings(runs: Sequence[dict[str, Any]], settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, then what the runs' experiment set (``report`` in results.json), then explicit settings."""
+    explicit = {k: v for k, v in (settings or {}).items() if v is not None}
+    return {**DEFAULT_SETTINGS, **(runs[0].get("report") or {}), **explicit}
+
+
+def build_table(runs: Sequence[dict[str, Any]], settings: dict[str, Any] | None = None, title: str = "") -> SweepTable:
+    """Aggregate runs into one table; ``settings`` overrides what the runs' own ``report`` says."""
+    if not runs:
+        raise ReportError("no results.json found: run the sweep first, or point at the directory that holds it.")
+    chosen = report_settings(runs, settings)
+    row_field, column_field, metric, scale = chosen["rows"], chosen["columns"], chosen["metric"], float(chosen["scale"])
+    rows: list[str] = []
+    columns: list[str] = []
+    grouped: dict[tuple[str, str], list[float]] = {}
+    per_row: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        row, column = str(field_value(run, row_field)), str(field_value(run, column_field))
+        value = field_value(run, metric)
+        if value is None:
+            continue
+        rows += [row] if row not in rows else []
+        columns += [column] if column not in columns else []
+        grouped.setdefault((row, column), []).append(float(value) * scale)
+        per_row.setdefault(row, []).append(run)
+    if chosen["relative_to"]:
+        grouped = _relative(grouped, str(chosen["relative_to"]), columns)
+    reference = load_reference(chosen["reference"])
+    cells = {key: Cell(values, _published(reference, *key)) for key, values in grouped.items()}
+    extras: dict[str, dict[str, float]] = {}
+    for name, (path, factor) in EFFICIENCY_FIELDS.items():
+        values = {row: statistics.fmean(float(field_value(r, path)) * factor for r in members if field_value(r, path) is not None)
+                  for row, members in per_row.items() if any(field_value(r, path) is not None for r in members)}
+        if values:
+            extras[name] = values
+    experiment = runs[0].get("experiment", "")
+    heading = title or f"{experiment}: {metric} ({'x100, ' if scale == 100 else ''}mean ± std over runs)"
+    if reference:
+        heading += f" vs {reference.get('source', chosen['reference'])} [{reference.get('split', '?')}]"
+    return SweepTable(heading, row_field, column_field, rows, columns, cells, extras, reference)
+
+
+def _relative(grouped: dict[tuple[str, str], list[float]], base_row: str, columns: list[str]) -> dict[tuple[str, str], list[float]]:
+    """Every cell minus the mean of ``base_row`` in its column (e.g. DistilBERT's ablation deltas)."""
+    bases = {c: statistics.fmean(grouped[(base_row, c)]) for c in columns if (base_row, c) in grouped}
+    if not bases:
+        raise ReportError(f"report.relative_to={base_row} but no run has that row.")
+    return {(r, c): [v - bases[c] for v in values] for (r, c), values in grouped.items() if c in bases}
+
+
+def _published(reference: dict[str, Any] | None, row: str, column: str) -> float | None:
+    if not reference:
+        return None
+    values = (reference.get("rows") or {}).get(row) or {}
+    key = reference.get("compare_column") or column
+    value = values.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# --- rendering --------------------------------------------------------------------------
+
+
+def print_table(table: SweepTable, console: Console | None = None) -> None:
+    rich_table = Table(title=table.title)
+    for index, name in enumerate(table.header()):
+        rich_table.add_column(name, justify="left" if index == 0 else "right")
+    for line in table.body():
+        rich_table.add_row(*line)
+    (console or Console()).print(rich_table)
+
+
+def to_markdown(table: SweepTable) -> str:
+    header = table.header()
+    lines = [f"**{table.title}**", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(line) + " |" for line in table.body()]
+    return "\n".join(lines) + "\n"
+
+
+def _latex_escape(text: str) -> str:
+    for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
+        text = text.replace(char, escaped)
+    return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+
+
+def to_latex(table: SweepTable) -> str:
+    header = table.header()
+    lines = [
+        r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+        " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule",
+    ]
+    lines += [" & ".join(_latex_escape(c) for c in line) + r" \\" for line in table.body()]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _latex_escape(table.title) + "}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(table: SweepTable, path: Path) -> None:
+    """Long format: one line per cell, machine-readable (mean, std, n, published, difference)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([table.row_field, table.column_field, "mean", "std", "n", "published", "difference"])
+        for row in table.rows:
+            for column in table.columns:
+                cell = table.cells.get((row, column))
+                if cell is None:
+                    continue
+                writer.writerow([row, column, _number(cell.mean), _number(cell.std), len(cell.values), _number(cell.published), _number(cell.difference)])
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def write_report(runs: Sequence[dict[str, Any]], out_dir: Path, settings: dict[str, Any] | None = None, console: Console | None = None) -> dict[str, Path]:
+    """Print the table and write summary.{csv,md,tex}, Pareto plots and training curves into ``out_dir``."""
+    from kdrun.plots import plot_pareto, plot_training_curves
+
+    table = build_table(runs, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print_table(table, console)
+    written = {"csv": out_dir / "summary.csv", "md": out_dir / "summary.md", "tex": out_dir / "summary.tex"}
+    write_csv(table, written["csv"])
+    written["md"].write_text(to_markdown(table))
+    written["tex"].write_text(to_latex(table))
+    metric = report_settings(runs, settings)["metric"]
+    for name, x_name in {"parameters": "params (M)", "size": "size (MB)", "latency": "latency bs1 (ms)"}.items():
+        points = _pareto_points(table, x_name)
+        if len(points) >= 2:
+            paths = plot_pareto(points, x_name, f"{metric} (x100)", out_dir / f"pareto_{name}", title=table.title.split(":")[0])
+            written[f"pareto_{name}"] = paths[0]
+    for run in runs:
+        histories = {stage: out.get("summary", {}).get("history") for stage, out in (run.get("stages") or {}).items()}
+        histories = {stage: history for stage, history in histories.items() if history}
+        if histories:
+            label = "_".join(str(field_value(run, f)) for f in (table.row_field, table.column_field))
+            plot_training_curves(histories, out_dir / "curves" / label, title=label)
+    return written
+
+
+def _pareto_points(table: SweepTable, x_name: str) -> list[tuple[str, float, float]]:
+    """(row label, x, score) per row, for the first column that has a score (a sweep over models of one task)."""
+    if x_name not in table.extras or not table.columns:
+        return []
+    column = table.columns[0]
+    return [
+        (row, table.extras[x_name][row], table.cells[(row, column)].mean)
+        for row in table.rows
+        if row in table.extras[x_name] and (row, column) in table.cells
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kdrun.report", description="Render kdrun runs as a table.")
+    parser.add_argument("paths", nargs="+", type=Path, help="sweep or run directories (searched for results.json)")
+    parser.add_argument("--rows", help="results.json field for rows (default: the runs' report.rows, else ablation)")
+    parser.add_argument("--columns", help="results.json field for columns (default: task)")
+    parser.add_argument("--metric", help="results.json field for cells (default: main_score)")
+    parser.add_argument("--scale", type=float, help="multiply cells by this (default 100: fractions to percent)")
+    parser.add_argument("--reference", help="published numbers: a name in kdrun/references or a YAML path")
+    parser.add_argument("--relative-to", help="show every cell minus this row's value in its column")
+    parser.add_argument("--out", type=Path, help="where to write summary.* (default: the first path)")
+    args = parser.parse_args(argv)
+    settings = {"rows": args.rows, "columns": args.columns, "metric": args.metric, "scale": args.scale,
+                "reference": args.reference, "relative_to": args.relative_to}
+    try:
+        runs = load_runs(args.paths)
+        written = write_report(runs, args.out or args.paths[0], settings)
+    except ReportError as error:
+        raise SystemExit(f"kdrun.report: {error}") from None
+    Console().print(f"{len(runs)} runs; wrote " + ", ".join(str(p) for p in written.values()))
+
+
+if __name__ == "__main__":
+    main()

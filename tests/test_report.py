@@ -1,0 +1,135 @@
+"""Sweep reports: aggregation of fixture run directories into exact tables, files and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from kdrun.plots import pareto_front
+from kdrun.report import ReportError, build_table, load_runs, main, to_latex, to_markdown, write_report
+from kdrun.sweep_callback import SweepReport
+
+
+def write_run(root: Path, name: str, ablation: str, task: str, score: float, parameters: int = 0, latency: float = 0.0, seed: int = 42) -> None:
+    directory = root / name
+    directory.mkdir(parents=True)
+    record = {
+        "experiment": f"tinybert_{task}", "recipe": "tinybert", "task": task, "ablation": ablation, "main_score": score,
+        "overrides": [f"task_distill.prediction.train.seed={seed}"],
+        "report": {"rows": "ablation", "columns": "task", "metric": "main_score", "scale": 100.0, "reference": None, "relative_to": None},
+        "stages": {"task_distill": {"summary": {"history": [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}, {"step": 2, "eval_accuracy": 0.5}]}}},
+    }
+    if parameters:
+        record["efficiency"] = {"parameters": parameters, "latency_ms_bs1": latency}
+    (directory / "results.json").write_text(json.dumps(record))
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "sweep"
+    # ablation x task, with three seeds of the full recipe on MRPC
+    write_run(root, "0", "none", "mrpc", 0.80, 14_000_000, 20.0, seed=1)
+    write_run(root, "1", "none", "mrpc", 0.82, 14_000_000, 22.0, seed=2)
+    write_run(root, "2", "none", "mrpc", 0.84, 14_000_000, 24.0, seed=3)
+    write_run(root, "3", "no_attn", "mrpc", 0.75, 14_000_000, 21.0)
+    write_run(root, "4", "none", "cola", 0.30, 14_000_000, 20.0)
+    write_run(root, "5", "no_attn", "cola", 0.25, 14_000_000, 21.0)
+    (root / "6").mkdir()  # a failed job: no results.json
+    return root
+
+
+@pytest.fixture
+def reference(tmp_path: Path) -> Path:
+    path = tmp_path / "ref.yaml"
+    path.write_text(yaml.safe_dump({
+        "source": "Jiao et al. 2020, Table 3", "split": "dev",
+        "rows": {"none": {"mrpc": 85.8, "cola": 50.8}, "no_attn": {"mrpc": 82.3}},
+    }))
+    return path
+
+
+def test_table_aggregates_seeds_and_places_published_numbers(sweep: Path, reference: Path) -> None:
+    runs = load_runs([sweep])
+    assert len(runs) == 6
+    table = build_table(runs, {"reference": str(reference)})
+    assert table.rows == ["none", "no_attn"] and table.columns == ["mrpc", "cola"]
+    none_mrpc = table.cells[("none", "mrpc")]
+    assert none_mrpc.values == pytest.approx([80.0, 82.0, 84.0])
+    assert none_mrpc.mean == pytest.approx(82.0) and none_mrpc.std == pytest.approx(statistics.stdev([80.0, 82.0, 84.0])) == pytest.approx(2.0)
+    assert table.header() == ["ablation", "mrpc", "mrpc (paper)", "mrpc Δ", "cola", "cola (paper)", "cola Δ", "params (M)", "latency bs1 (ms)"]
+    assert table.body() == [
+        ["none", "82.00 ± 2.00", "85.80", "-3.80", "30.00", "50.80", "-20.80", "14.00", "21.50"],
+        ["no_attn", "75.00", "82.30", "-7.30", "25.00", "-", "-", "14.00", "21.00"],
+    ]
+
+
+def test_markdown_latex_and_csv_files(sweep: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    written = write_report(load_runs([sweep]), out, {"reference": str(reference)})
+    markdown = written["md"].read_text()
+    assert "| ablation | mrpc | mrpc (paper) | mrpc Δ |" in markdown
+    assert "| none | 82.00 ± 2.00 | 85.80 | -3.80 | 30.00 | 50.80 | -20.80 | 14.00 | 21.50 |" in markdown
+    latex = written["tex"].read_text()
+    assert r"no\_attn & 75.00 & 82.30 & -7.30" in latex and r"82.00 $\pm$ 2.00" in latex and r"\toprule" in latex
+    with written["csv"].open() as handle:
+        lines = list(csv.DictReader(handle))
+    assert [(line["ablation"], line["task"], line["mean"], line["n"], line["published"]) for line in lines] == [
+        ("none", "mrpc", "82.0000", "3", "85.8000"), ("none", "cola", "30.0000", "1", "50.8000"),
+        ("no_attn", "mrpc", "75.0000", "1", "82.3000"), ("no_attn", "cola", "25.0000", "1", ""),
+    ]
+    assert written["pareto_parameters"].is_file() and written["pareto_latency"].with_suffix(".svg").is_file()
+    assert sorted(p.name for p in (out / "curves").glob("*.png")) == ["no_attn_cola.png", "no_attn_mrpc.png", "none_cola.png", "none_mrpc.png"]
+
+
+def test_relative_rows_merged_references_and_errors(sweep: Path, tmp_path: Path) -> None:
+    table = build_table(load_runs([sweep]), {"relative_to": "none"})
+    assert table.cells[("no_attn", "mrpc")].mean == pytest.approx(75.0 - 82.0)
+    assert table.cells[("none", "cola")].mean == pytest.approx(0.0)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"source": "T2", "rows": {"none": {"mrpc": 1.0}}}))
+    b.write_text(yaml.safe_dump({"source": "T3", "rows": {"none": {"mrpc": 2.0}, "no_attn": {"mrpc": 3.0}}}))
+    merged = build_table(load_runs([sweep]), {"reference": f"{a},{b}"})
+    assert merged.cells[("none", "mrpc")].published == 1.0 and merged.cells[("no_attn", "mrpc")].published == 3.0
+    with pytest.raises(ReportError, match="reference table 'no_such_table' not found"):
+        build_table(load_runs([sweep]), {"reference": "no_such_table"})
+    with pytest.raises(ReportError, match="no results.json"):
+        build_table([])
+
+
+def test_pareto_front() -> None:
+    points = [("a", 10.0, 80.0), ("b", 5.0, 70.0), ("c", 12.0, 79.0), ("d", 20.0, 85.0), ("e", 5.0, 60.0)]
+    assert [p[0] for p in pareto_front(points)] == ["b", "a", "d"]
+
+
+def test_command_line_and_sweep_callback(sweep: Path, tmp_path: Path, capsys) -> None:
+    main([str(sweep), "--rows", "task", "--columns", "ablation", "--out", str(tmp_path / "cli")])
+    assert "| mrpc | 82.00 ± 2.00 | 75.00 |" in (tmp_path / "cli" / "summary.md").read_text()
+    assert "6 runs" in capsys.readouterr().out
+    SweepReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert "| none | 82.00 ± 2.00 | 30.00 |" in (sweep / "summary.md").read_text()
+    with pytest.raises(SystemExit, match="neither a run/sweep directory"):
+        main([str(tmp_path / "missing")])
+
+
+def test_shipped_reference_tables_parse() -> None:
+    from kdrun.report import REFERENCES_DIR
+
+    for path in REFERENCES_DIR.glob("*.yaml"):
+        table = yaml.safe_load(path.read_text())
+        assert {"source", "split", "rows"} <= set(table), path.name
+        for row, values in table["rows"].items():
+            assert isinstance(values, dict), (path.name, row)
+
+
+def test_markdown_and_latex_escape_names() -> None:
+    from kdrun.report import Cell, SweepTable
+
+    table = SweepTable("t_1: 50%", "ablation", "task", ["no_embd"], ["sst2"], {("no_embd", "sst2"): Cell([90.0])})
+    assert r"no\_embd & 90.00" in to_latex(table) and r"t\_1: 50\%" in to_latex(table)
+    assert "| no_embd | 90.00 |" in to_markdown(table)
