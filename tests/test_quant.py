@@ -88,8 +88,9 @@ def test_groups_are_the_attention_heads_when_g_equals_the_head_count() -> None:
     per_row = torch.cat([fake_quantize(query[r : r + 1], 4) for r in range(32)])
     torch.testing.assert_close(fake_quantize(query, 4, groups=-1), per_row, rtol=0, atol=0)
     assert [s.stop - s.start for s in group_slices(10, 3)] == [4, 3, 3]
-    with pytest.raises(ValueError, match="cannot split 10 rows into 11 groups"):
-        group_slices(10, 11)
+    assert group_slices(10, 11) == group_slices(10, -1) == [slice(r, r + 1) for r in range(10)]
+    with pytest.raises(ValueError, match="positive group count or -1"):
+        group_slices(10, 0)
 
 
 def test_straight_through_gradient_is_the_identity() -> None:

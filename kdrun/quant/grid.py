@@ -28,11 +28,13 @@ def max_level(bits: int) -> int:
 
 
 def group_count(rows: int, groups: int) -> int:
-    """``groups`` resolved against a tensor's row count (``-1`` = one group per row)."""
-    count = rows if groups == PER_ROW else groups
-    if not 1 <= count <= rows:
-        raise ValueError(f"cannot split {rows} rows into {groups} groups; use 1..{rows}, or -1 for one group per row")
-    return count
+    """``groups`` resolved against a tensor's row count: ``-1``, or more groups than rows, is one group per row
+    (so one setting, e.g. Q-BERT's 128, applies to matrices of every size)."""
+    if groups == PER_ROW:
+        return rows
+    if groups < 1:
+        raise ValueError(f"quantize.groups must be a positive group count or -1 (one per row), got {groups}")
+    return min(groups, rows)
 
 
 def group_of_rows(rows: int, groups: int) -> Tensor:
