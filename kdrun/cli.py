@@ -60,7 +60,9 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     # Heavy imports only after Hydra has validated the config, so `--cfg job` and config errors are instant.
     from kdrun.pipeline import run_pipeline
+    from kdrun.config import to_container
     from kdrun.results import build_results, write_results
+    from kdrun.tracking import log_results, tracking
 
     _quiet_libraries()
     if cfg.device.threads:
@@ -69,15 +71,20 @@ def main(cfg: DictConfig) -> float | None:
         torch.set_num_threads(cfg.device.threads)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    try:
-        outputs = run_pipeline(cfg, run_dir)
-    except _user_errors() as error:
-        logger.error("%s", error)
-        sys.exit(2)
-    record = build_results(cfg, outputs, list(hydra_cfg.overrides.task))
-    if int(os.environ.get("RANK", "0")) == 0:  # under DDP every rank runs the pipeline; one writes
-        path = write_results(record, run_dir)
-        logger.info("Results written to %s", path)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under DDP every rank runs the pipeline; one writes
+    tracker_name = cfg.logger.name if is_main else "none"
+    run_name = f"{cfg.experiment_name}-{cfg.ablation}-{run_dir.name}"
+    with tracking(tracker_name, Path(cfg.logger.dir), cfg.experiment_name, run_name, to_container(cfg)) as tracker:
+        try:
+            outputs = run_pipeline(cfg, run_dir)
+        except _user_errors() as error:
+            logger.error("%s", error)
+            sys.exit(2)
+        record = build_results(cfg, outputs, list(hydra_cfg.overrides.task))
+        if is_main:
+            path = write_results(record, run_dir)
+            logger.info("Results written to %s", path)
+            log_results(tracker, record, path, [out.path for out in outputs.values() if out.path != run_dir])
     return record.get("main_score")
 
 

@@ -316,6 +316,14 @@ class EvaluateConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Experiment tracking (``kdrun/tracking.py``): ``none``, ``tensorboard`` or ``mlflow`` (local file store)."""
+
+    name: str = "none"
+    dir: str = "outputs/tracking"
+
+
+@dataclass
 class ReportConfig:
     """How a sweep becomes a table (``kdrun.report``): cells of ``metric`` by ``rows`` x ``columns``,
     all fields of results.json; ``reference``: published numbers (kdrun/references/<name>.yaml)."""
@@ -365,6 +373,7 @@ class KdrunConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 

@@ -36,6 +36,7 @@ from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_linear_schedule_with_warmup
 
+from kdrun import tracking
 from kdrun.config import DeviceConfig, TrainConfig
 from kdrun.data.batching import EpochBatchSampler
 
@@ -329,6 +330,9 @@ class _TrainingLoop:
         if step % cfg.log_every_steps == 0:
             terms = {name: total / max(self.window_count, 1) for name, total in self.window_terms.items() if name != "total"}
             state["history"].append({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], **terms})
+            tracking.current().log_metrics(
+                {f"{self.job.description}/{name}": value for name, value in state["history"][-1].items() if name != "step"}, step
+            )
             # On a terminal the progress bar shows this; in a log file (nohup, CI, SLURM) a line does.
             log = logger.debug if self.progress.console.is_terminal else logger.info
             log("step %d/%d loss %.4f lr %.3g %.1f ex/s", step, self.total_steps, loss, self.scheduler.get_last_lr()[0], speed)
@@ -349,6 +353,7 @@ class _TrainingLoop:
         metrics = job.evaluate(self.accelerator.unwrap_model(self.model))
         self.model.train()
         state["history"].append({"step": state["step"], "epoch": state["epoch"], **{f"eval_{k}": v for k, v in metrics.items()}})
+        tracking.current().log_metrics({f"{job.description}/eval_{k}": v for k, v in metrics.items()}, state["step"])
         logger.info("step %d: %s", state["step"], ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         value = metrics[job.best_metric] if job.best_metric else None
         if job.keep_best and value is not None and _improved(value, state["best"], job.greater_is_better):

@@ -229,3 +229,37 @@ def test_ddp_matches_one_process_with_the_same_global_batch(glue_dir, tmp_path) 
     assert len(moved) > 10  # training changed the weights
     for name in ddp:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+TRACKED_RUN = ("experiment=teacher_sst2", *TINY_RUN, "finetune_teacher.train.log_every_steps=1")
+
+
+def test_mlflow_tracking(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> None:
+    """Config, training curves, dev metrics, final results and artefacts reach MLflow's local store."""
+    import mlflow
+
+    from kdrun.tracking import tracking_uri
+
+    store = tmp_path / "mlruns"
+    run_kdrun(*TRACKED_RUN, f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", "logger=mlflow", f"logger.dir={store}")
+    client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri(store))
+    [experiment] = [e for e in client.search_experiments() if e.name == "teacher_sst2"]
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.data.params["task.name"] == "sst2" and run.data.params["finetune_teacher.train.max_steps"] == "4"
+    losses = client.get_metric_history(run.info.run_id, "finetune_teacher_sst2/loss")
+    assert [m.step for m in losses] == [1, 2, 3, 4]
+    assert "finetune_teacher_sst2/eval_accuracy" in run.data.metrics and "final/dev.accuracy" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "results.json" in artifacts
+
+
+def test_tensorboard_tracking(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = tmp_path / "tb"
+    run_kdrun(*TRACKED_RUN, f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", "logger=tensorboard", f"logger.dir={events}")
+    [event_dir] = {p.parent for p in events.rglob("events.out.tfevents.*")}
+    accumulator = EventAccumulator(str(event_dir))
+    accumulator.Reload()
+    assert [e.step for e in accumulator.Scalars("finetune_teacher sst2/loss")] == [1, 2, 3, 4]
+    assert "final/dev.accuracy" in accumulator.Tags()["scalars"]
