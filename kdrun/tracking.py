@@ -11,7 +11,6 @@ writes to a local SQLite store by default (``<logger.dir>/mlflow.db``, browse wi
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -151,6 +150,8 @@ def tracking(name: str, directory: Path, experiment: str, run_name: str, config:
 
 def log_results(tracker: Tracker, record: Mapping[str, Any], results_file: Path, stage_dirs: list[Path]) -> None:
     """The final numbers as step-0 metrics, and the run's files as artefacts."""
+    if isinstance(tracker, NullTracker):
+        return
     final = {f"final/{k}": v for k, v in flatten({"dev": record.get("metrics") or {}, "efficiency": record.get("efficiency") or {}}).items()
              if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if final:
@@ -160,4 +161,4 @@ def log_results(tracker: Tracker, record: Mapping[str, Any], results_file: Path,
         for path in sorted(directory.glob("*")):
             if path.is_file() and path.suffix in ARTIFACT_SUFFIXES and path.name != "stage.json":
                 tracker.log_artifact(path)
-    logger.info("Tracked: %s", json.dumps({k: round(v, 4) for k, v in final.items() if "dev" in k}))
+    logger.info("Tracked %d final numbers and the run's artefacts.", len(final))
