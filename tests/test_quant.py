@@ -230,8 +230,16 @@ def test_distilbert_students_are_quantizable() -> None:
     assert len(encoder_layers(model)) == 3
     axes = {name: axis for name, _m, axis in layer_linears(encoder_layers(model)[0])}
     assert axes == {"attention.q_lin": 0, "attention.k_lin": 0, "attention.v_lin": 0, "attention.out_lin": 1, "ffn.lin1": 0, "ffn.lin2": 0}
+    batch = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 6]])}
+    labels = torch.tensor([0, 1])
+    from kdrun.models.capture import attention_implementation
+
+    with attention_implementation(model, "eager"):  # the Hessian of a distilled student, as the sensitivity stage does it
+        spectra = layer_sensitivities(model.eval(), encoder_layers(model), [batch], lambda m, b: m(**b, labels=labels).loss,
+                                      PowerIterationSettings(max_iterations=5))
+    assert [s.layer for s in spectra] == [1, 2, 3] and all(s.eigenvalues[0] != 0 for s in spectra)
     enable_fake_quantization(model, QuantizationPlan(layer_bits=(2, 3, 4), groups=2))
-    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 2)
+    assert model(**batch).logits.shape == (2, 2)
 
 
 # --- end to end -----------------------------------------------------------------------
