@@ -326,7 +326,7 @@ class LoggerConfig:
 @dataclass
 class ReportConfig:
     """How a sweep becomes a table (``kdrun.report``): cells of ``metric`` by ``rows`` x ``columns``,
-    all fields of results.json; ``reference``: published numbers (kdrun/references/<name>.yaml)."""
+    all fields of results.json; ``reference``: published numbers (kdrun/report/references/<name>.yaml)."""
 
     rows: str = "ablation"
     columns: str = "task"

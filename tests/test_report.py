@@ -11,9 +11,11 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from kdrun.plots import pareto_front
-from kdrun.report import ReportError, build_table, load_runs, main, to_latex, to_markdown, write_report
-from kdrun.sweep_callback import SweepReport
+from kdrun.report.plots import pareto_front
+from kdrun.report import ReportError, build_table, load_runs, main, write_report
+from kdrun.report.plots import pareto_front
+from kdrun.report.tables import to_latex, to_markdown
+from kdrun.report.callback import SweepReport
 
 
 def write_run(root: Path, name: str, ablation: str, task: str, score: float, parameters: int = 0, latency: float = 0.0, seed: int = 42) -> None:
@@ -118,7 +120,7 @@ def test_command_line_and_sweep_callback(sweep: Path, tmp_path: Path, capsys) ->
 
 
 def test_shipped_reference_tables_parse() -> None:
-    from kdrun.report import REFERENCES_DIR
+    from kdrun.report.runs import REFERENCES_DIR
 
     for path in REFERENCES_DIR.glob("*.yaml"):
         table = yaml.safe_load(path.read_text())
@@ -128,7 +130,7 @@ def test_shipped_reference_tables_parse() -> None:
 
 
 def test_markdown_and_latex_escape_names() -> None:
-    from kdrun.report import Cell, SweepTable
+    from kdrun.report.tables import Cell, SweepTable
 
     table = SweepTable("t_1: 50%", "ablation", "task", ["no_embd"], ["sst2"], {("no_embd", "sst2"): Cell([90.0])})
     assert r"no\_embd & 90.00" in to_latex(table) and r"t\_1: 50\%" in to_latex(table)

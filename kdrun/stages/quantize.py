@@ -26,7 +26,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
 from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
-from kdrun.plots import plot_sensitivities
+from kdrun.report.plots import plot_sensitivities
 from kdrun.predict import main_metric_key, score_dev_sets
 from kdrun.quant.allocation import mixed_precision_bits, uniform_bits
 from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, encoder_layers

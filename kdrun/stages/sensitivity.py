@@ -22,7 +22,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from kdrun.data.glue import sample_examples
 from kdrun.models.capture import attention_implementation
 from kdrun.pipeline import Stage, StageOutput, register
-from kdrun.plots import plot_sensitivities
+from kdrun.report.plots import plot_sensitivities
 from kdrun.predict import model_inputs
 from kdrun.quant.hessian import PowerIterationSettings, layer_sensitivities
 from kdrun.quant.modules import encoder_layers

@@ -1,9 +1,9 @@
-"""Sweeps into paper tables: collect ``results.json`` files, aggregate, render, compare with the paper.
+"""Sweep tables: aggregate runs into rows x columns, render them, compare with the paper.
 
 A table's rows and columns are fields of ``results.json`` (``report.rows`` /
 ``report.columns``, e.g. ``ablation`` x ``task``), its cells the mean (+- sample std
 over repeated runs such as seeds) of ``report.metric``. When ``report.reference``
-names a YAML file of published numbers (``kdrun/references/<name>.yaml`` or a
+names a YAML file of published numbers (``kdrun/report/references/<name>.yaml`` or a
 path), each cell gets the published value and the difference beside it. Every
 table is printed with rich and written as ``summary.csv``, ``summary.md`` and
 ``summary.tex``; score-vs-size and score-vs-latency Pareto plots and training
@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-RESULTS_FILE = "results.json"
-REFERENCES_DIR = Path(__file__).resolve().parent / "references"
+from kdrun.report.runs import ReportError, field_value, load_reference, load_runs
+
 DEFAULT_SETTINGS = {"rows": "ablation", "columns": "task", "metric": "main_score", "scale": 100.0, "reference": None, "relative_to": None}
 # Per-row measures shown after the score columns when the runs report them (mean over the row's runs).
 EFFICIENCY_FIELDS = {
@@ -42,67 +40,6 @@ EFFICIENCY_FIELDS = {
     "int8 speed-up bs1": ("int8.speedup_bs1", 1.0),
     "int8 speed-up bs32": ("int8.speedup_bs32", 1.0),
 }
-
-
-class ReportError(ValueError):
-    """The runs cannot be made into the requested table; the message says what to change."""
-
-
-def field_value(record: dict[str, Any], path: str) -> Any:
-    """``a.b.c`` looked up in nested dicts; None when any part is missing."""
-    value: Any = record
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
-def find_results(paths: Iterable[Path]) -> list[Path]:
-    found: list[Path] = []
-    for path in paths:
-        path = Path(path)
-        if path.is_file() and path.name == RESULTS_FILE:
-            found.append(path)
-        elif path.is_dir():
-            found.extend(sorted(path.rglob(RESULTS_FILE)))
-        else:
-            raise ReportError(f"{path} is neither a run/sweep directory nor a {RESULTS_FILE} file.")
-    return found
-
-
-def load_runs(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    runs = []
-    for path in find_results(paths):
-        record = json.loads(path.read_text())
-        record["_path"] = str(path.parent)
-        runs.append(record)
-    return runs
-
-
-def load_reference(name: str | None) -> dict[str, Any] | None:
-    """Published numbers: a YAML path or a name in kdrun/references; ``a,b`` merges the rows of several
-    tables (e.g. TinyBERT's Tables 2-4, which share their first row)."""
-    if not name:
-        return None
-    tables = [_reference_file(part.strip()) for part in name.split(",")]
-    if len(tables) == 1:
-        return tables[0]
-    merged: dict[str, Any] = {"source": "; ".join(t.get("source", "?") for t in tables), "split": tables[0].get("split"), "rows": {}}
-    for table in tables:
-        for row, values in (table.get("rows") or {}).items():
-            merged["rows"].setdefault(row, values)
-    return merged
-
-
-def _reference_file(name: str) -> dict[str, Any]:
-    path = Path(name)
-    if not path.is_file():
-        path = REFERENCES_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in REFERENCES_DIR.glob("*.yaml"))
-        raise ReportError(f"reference table '{name}' not found (a YAML path or one of {known}).")
-    return yaml.safe_load(path.read_text())
 
 
 @dataclass
@@ -282,7 +219,7 @@ def _number(value: float | None) -> str:
 
 def write_report(runs: Sequence[dict[str, Any]], out_dir: Path, settings: dict[str, Any] | None = None, console: Console | None = None) -> dict[str, Path]:
     """Print the table and write summary.{csv,md,tex}, Pareto plots and training curves into ``out_dir``."""
-    from kdrun.plots import plot_pareto, plot_training_curves
+    from kdrun.report.plots import plot_pareto, plot_training_curves
 
     table = build_table(runs, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -325,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--columns", help="results.json field for columns (default: task)")
     parser.add_argument("--metric", help="results.json field for cells (default: main_score)")
     parser.add_argument("--scale", type=float, help="multiply cells by this (default 100: fractions to percent)")
-    parser.add_argument("--reference", help="published numbers: a name in kdrun/references or a YAML path")
+    parser.add_argument("--reference", help="published numbers: a name in kdrun/report/references or a YAML path")
     parser.add_argument("--relative-to", help="show every cell minus this row's value in its column")
     parser.add_argument("--out", type=Path, help="where to write summary.* (default: the first path)")
     args = parser.parse_args(argv)

@@ -1,0 +1,3 @@
+from kdrun.report.tables import main
+
+main()
