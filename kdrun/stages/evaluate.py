@@ -130,7 +130,9 @@ def print_summary(task_name: str, model_from: str, summary: dict[str, Any]) -> N
     for name, value in summary["dev"].items():
         table.add_row(f"dev {name}", f"{100 * value:.2f}")
     for name, value in summary["efficiency"].items():
-        table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))
+        for label, item in (value.items() if isinstance(value, dict) else [(None, value)]):
+            label = name if label is None else f"{name}: {label}"
+            table.add_row(label, f"{item:,}" if isinstance(item, int) else str(item))
     for name, value in summary.get("int8", {}).items():
         if name == "dev":
             table.add_row("int8 kernels: dev", ", ".join(f"{k} {100 * v:.2f}" for k, v in value.items()))
