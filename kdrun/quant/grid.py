@@ -65,12 +65,16 @@ def group_scales(x: Tensor, bits: int, groups: int = 1, axis: int = 0) -> Tensor
     return torch.stack([scales[s][0] for s in group_slices(moved.shape[0], groups)])
 
 
+@torch.no_grad()
 def fake_quantize(x: Tensor, bits: int, groups: int = 1, axis: int = 0) -> Tensor:
     """``x`` rounded to the nearest point of its group's grid (no gradient path)."""
+    level = max_level(bits)
+    if groups == 1:  # one range for the tensor (activations, embeddings): no regrouping needed
+        scale = x.abs().amax().clamp(min=torch.finfo(torch.float32).tiny) / level
+        return torch.clamp(torch.round(x / scale), -level, level) * scale
     moved = x.detach().movedim(axis, 0)
     rows = moved.reshape(moved.shape[0], -1)
     scale = _row_scales(moved, bits, groups)[:, None]
-    level = max_level(bits)
     snapped = torch.clamp(torch.round(rows / scale), -level, level) * scale
     return snapped.reshape(moved.shape).movedim(0, axis)
 
