@@ -3,17 +3,23 @@ evaluation and the evaluate stage so that both report the very same numbers."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from kdrun.data.batching import MODEL_INPUTS, sorted_eval_batches
 from kdrun.data.tasks import TaskSpec
 from kdrun.metrics import compute_metrics
 from kdrun.models.inputs import forward_inputs
+
+log = logging.getLogger(__name__)
 
 
 def model_inputs(
@@ -29,25 +35,54 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+@contextmanager
+def _rows_progress(description: str | None, total: int) -> Iterator[Callable[[int], None]]:
+    """Advance by a number of rows. Long predictions (teacher logits over ~10^5 augmented rows take
+    minutes on a CPU) get a bar in a terminal and a log line per tenth in log files; with no
+    ``description`` (dev sets, seconds) nothing is shown."""
+    if description is None:
+        yield lambda rows: None
+        return
+    start, done, next_log = time.perf_counter(), 0, max(total // 10, 1)
+    with Progress(
+        TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+    ) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(rows: int) -> None:
+            nonlocal done, next_log
+            done += rows
+            bar.advance(task, rows)
+            if done >= next_log or done == total:
+                log.info("%s: %d/%d rows (%.0f rows/s)", description, done, total, done / (time.perf_counter() - start))
+                next_log += max(total // 10, 1)
+
+        yield advance
+
+
 @torch.inference_mode()
 def predict_logits(
     model: torch.nn.Module,
     features: datasets.Dataset,
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
     batch_size: int,
+    description: str | None = None,
 ) -> np.ndarray:
-    """Logits for every row of ``features``, in row order (batches are length-sorted internally)."""
+    """Logits for every row of ``features``, in row order (batches are length-sorted internally);
+    ``description`` shows progress."""
     was_training = model.training
     model.eval()
     device = model_device(model)
     lengths = features["length"]
     logits: list[np.ndarray | None] = [None] * len(features)
-    for indices in sorted_eval_batches(lengths, batch_size):
-        batch = collate([features[i] for i in indices])
-        output = model(**model_inputs(batch, device, model))
-        values = output.logits.float().cpu().numpy()
-        for row, index in enumerate(indices):
-            logits[index] = values[row]
+    with _rows_progress(description, len(features)) as advance:
+        for indices in sorted_eval_batches(lengths, batch_size):
+            batch = collate([features[i] for i in indices])
+            output = model(**model_inputs(batch, device, model))
+            values = output.logits.float().cpu().numpy()
+            for row, index in enumerate(indices):
+                logits[index] = values[row]
+            advance(len(indices))
     model.train(was_training)
     return np.stack(logits) if logits else np.zeros((0, 1), dtype=np.float32)
 

@@ -140,7 +140,7 @@ class TeacherLogits:
         ``path`` inside the stage's output, so that a resumed run does not recompute them."""
         if path.is_file():
             return cls.load(path)
-        logits = predict_logits(model, features, collate, batch_size)
+        logits = predict_logits(model, features, collate, batch_size, description="teacher logits")
         table = cls(torch.tensor(features["id"]), torch.from_numpy(logits))
         table.save(path)
         return table
