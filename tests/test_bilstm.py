@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -155,10 +156,20 @@ def test_bilstm_experiments_compose() -> None:
 
 def test_bilstm_end_to_end_with_and_without_distillation(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> None:
     common = ("scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", "evaluate.latency_repeats=1")
-    run_kdrun("experiment=bilstm_mrpc", "augment.n_iter=3", *common, cwd=tmp_path)
+    first = run_kdrun("experiment=bilstm_mrpc", "augment.n_iter=3", *common, cwd=tmp_path)
     run_kdrun("experiment=bilstm_nokd_mrpc", *common, cwd=tmp_path)
     runs = {p.parent.parent.name: json.loads(p.read_text()) for p in (tmp_path / "outputs" / "runs").rglob("results.json")}
     distilled, plain = runs["bilstm_mrpc"], runs["bilstm_nokd_mrpc"]
+    # Another student on the same teacher and augmented rows takes the teacher's logits from the cache.
+    assert re.search(r"teacher logits: \d+/\d+ rows", first.stderr + first.stdout)
+    assert "teacher logits: reusing" not in first.stderr + first.stdout
+    (tmp_path / "other").mkdir()
+    other = run_kdrun("experiment=bilstm_mrpc", "augment.n_iter=3", "student.pair_classifier_hidden_size=64", *common, cwd=tmp_path / "other")
+    assert "teacher logits: reusing" in other.stderr + other.stdout
+    other_result = json.loads(next((tmp_path / "other" / "outputs" / "runs").rglob("results.json")).read_text())
+    shared = other_result["stages"]["task_distill"]["summary"]["teacher_logits"]
+    assert shared == distilled["stages"]["task_distill"]["summary"]["teacher_logits"]
+    assert other_result["stages"]["task_distill"]["key"] != distilled["stages"]["task_distill"]["key"]
     task = distilled["stages"]["task_distill"]["summary"]
     assert task["train_examples"] == distilled["stages"]["augment"]["summary"]["rows"] > 64
     assert "distill" in task["prediction"]["history"][0] and "hard" not in task["prediction"]["history"][0]

@@ -7,10 +7,13 @@ three differ only in their data, weights and teacher.
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import filelock
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -20,6 +23,8 @@ from kdrun.distill.mapping import LayerMapping
 from kdrun.models.inputs import forward_inputs
 from kdrun.models.capture import forward_with_capture
 from kdrun.predict import model_inputs, predict_logits
+
+logger = logging.getLogger(__name__)
 
 PROJECTIONS_FILE = "projections.safetensors"
 
@@ -137,10 +142,19 @@ class TeacherLogits:
     @classmethod
     def cached(cls, model: nn.Module, features: Any, collate: Any, batch_size: int, path: Path) -> TeacherLogits:
         """``model``'s logits on ``features`` (which need an ``id`` column), computed once and kept at
-        ``path`` inside the stage's output, so that a resumed run does not recompute them."""
+        ``path``, so that a resumed run, or another run over the same rows, does not recompute them.
+        A lock lets one of several parallel runs compute them while the others wait."""
         if path.is_file():
+            logger.info("teacher logits: reusing %s.", path)
             return cls.load(path)
-        logits = predict_logits(model, features, collate, batch_size, description="teacher logits")
-        table = cls(torch.tensor(features["id"]), torch.from_numpy(logits))
-        table.save(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(f"{path}.lock"):
+            if path.is_file():
+                logger.info("teacher logits: reusing %s (computed by a parallel run).", path)
+                return cls.load(path)
+            logits = predict_logits(model, features, collate, batch_size, description="teacher logits")
+            table = cls(torch.tensor(features["id"]), torch.from_numpy(logits))
+            partial = path.with_name(path.name + ".partial")
+            table.save(partial)
+            os.replace(partial, path)
         return table

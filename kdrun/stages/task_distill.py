@@ -7,13 +7,15 @@ logits, MSE for regression, or plain cross-entropy on gold labels for the
 "w/o Pred" ablation). The student starts from general distillation's output
 when that stage runs before this one, else from ``student.init``. The teacher's
 logits for step 2 are computed once, keyed by example id, and kept in the
-stage directory. Output: ``model/``, the student with its task head (best dev
+cache beside the stage outputs under a key of the teacher and the training rows
+alone, so every student, ablation and seed of a sweep shares them. Output: ``model/``, the student with its task head (best dev
 checkpoint of step 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
 from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits, objective_from_config, tinybert_loss
 from kdrun.models.loading import load_for_sequence_classification, load_model_config, load_tokenizer
 from kdrun.models.students import bilstm_student_for_task, distil_student_for_task, student_bert_config, student_for_task
-from kdrun.pipeline import PipelineError, Stage, StageOutput, register
+from kdrun.pipeline import PipelineError, Stage, StageOutput, config_slice, register
 from kdrun.predict import main_metric_key, score_dev_sets
 from kdrun.stages import task_data
 from kdrun.stages.augment import load_augmented
@@ -157,8 +159,9 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
             teacher_set = train_set if tokenizer is teacher_tokenizer else task_data.tokenized({"train": train_examples}, teacher_tokenizer, cfg)["train"]
             teacher_collate = collate if tokenizer is teacher_tokenizer else task_data.collator(teacher_tokenizer, task)
             logits = TeacherLogits.cached(
-                teacher, teacher_set, teacher_collate, cfg.task_distill.prediction.train.eval_batch_size, out_dir / "teacher_logits.safetensors"
+                teacher, teacher_set, teacher_collate, cfg.task_distill.prediction.train.eval_batch_size, _teacher_logits_path(cfg, inputs)
             )
+            summary["teacher_logits"] = str(_teacher_logits_path(cfg, inputs))
         seed_everything(cfg.task_distill.prediction.train.seed)
         outcome = _train_once(
             TrainingJob(
@@ -181,6 +184,18 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     outcome.model_dir.rename(out_dir / "model")
     summary["parameters"] = sum(p.numel() for p in student.parameters())
     return summary
+
+
+def _teacher_logits_path(cfg: DictConfig, inputs: dict[str, StageOutput]) -> Path:
+    """Where the teacher's logits on this run's training rows live: ``<cache>/teacher_logits/<key>``,
+    the key naming the teacher and the rows (task, sample, augmentation, length) but not the
+    student, since recomputing them (minutes over an augmented set) for every row of an ablation
+    sweep would dominate it."""
+    teacher = inputs["finetune_teacher"]
+    rows = config_slice(cfg, ("task", "data.max_seq_length", "data.max_train_examples", "data.sample_seed"))
+    parts = {"teacher": teacher.key, "augment": inputs["augment"].key if "augment" in inputs else None, "rows": rows}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return teacher.path.parent.parent / "teacher_logits" / f"{key}.safetensors"
 
 
 def _train_once(job: TrainingJob, settings: DictConfig, device: DictConfig, step_dir: Path) -> TrainOutcome:
