@@ -173,7 +173,14 @@ def print_table(table: SweepTable, console: Console | None = None) -> None:
         rich_table.add_column(name, justify="left" if index == 0 else "right")
     for line in table.body():
         rich_table.add_row(*line)
-    (console or Console()).print(rich_table)
+    (console or _wide_console()).print(rich_table)
+
+
+def _wide_console() -> Console:
+    """A terminal's own width; in a log file (rich assumes 80 columns) room for the whole table, whose
+    row names and column headers would otherwise be cut to a few letters."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
 
 
 def to_markdown(table: SweepTable) -> str:
