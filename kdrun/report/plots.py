@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 FORMATS = ("png", "svg")
 
@@ -31,12 +32,12 @@ def plot_sensitivities(
     figure, axes = plt.subplots(figsize=(max(4.0, 0.6 * len(layers) + 2), 3.2))
     palette = plt.get_cmap("viridis")
     widths = sorted(set(bits)) if bits else []
-    colours = [palette(widths.index(b) / max(1, len(widths) - 1)) for b in bits] if bits else ["tab:blue"] * len(layers)
+    colour_of = {width: palette(index / max(1, len(widths) - 1)) for index, width in enumerate(widths)}
+    colours = [colour_of[b] for b in bits] if bits else ["tab:blue"] * len(layers)
     axes.bar(layers, means, yerr=stds, color=colours, capsize=3)
-    for width in widths:
-        axes.bar([], [], color=palette(widths.index(width) / max(1, len(widths) - 1)), label=f"{width}-bit")
     if widths:
-        axes.legend(frameon=False)
+        # Explicit patches: an empty bar() gives a legend entry in the default colour, not the width's.
+        axes.legend(handles=[Patch(color=colour_of[w], label=f"{w}-bit") for w in widths], frameon=False)
     axes.set_xlabel("encoder layer")
     axes.set_ylabel("top Hessian eigenvalue")
     axes.set_xticks(layers)
