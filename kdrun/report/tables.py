@@ -140,7 +140,8 @@ def build_table(runs: Sequence[dict[str, Any]], settings: dict[str, Any] | None 
                   for row, members in per_row.items() if any(field_value(r, path) is not None for r in members)}
         if values:
             extras[name] = values
-    experiment = runs[0].get("experiment", "")
+    experiments = list(dict.fromkeys(str(run.get("experiment", "")) for run in runs))
+    experiment = experiments[0] if len(experiments) == 1 else " + ".join(experiments)
     heading = title or f"{experiment}: {metric} ({'x100, ' if scale == 100 else ''}mean ± std over runs)"
     if reference:
         heading += f" vs {reference.get('source', chosen['reference'])} [{reference.get('split', '?')}]"
