@@ -109,7 +109,8 @@ def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_pa
     assert set(results["metrics"]) == {"f1", "accuracy"}
     assert stages["evaluate"]["summary"]["model_from"] == "task_distill"
     assert results["efficiency"]["parameters"] == task["parameters"]
-    [logits_file] = list((tmp_path / "cache" / "task_distill").glob("*/teacher_logits.safetensors"))
+    [logits_file] = list((tmp_path / "cache" / "teacher_logits").glob("*.safetensors"))
+    assert task["teacher_logits"] == str(logits_file)
     table = TeacherLogits.load(logits_file)
     assert len(table.row_of) == augment["rows"] == task["train_examples"] and table.logits.shape == (augment["rows"], 2)
 
@@ -122,6 +123,7 @@ def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_pa
     )
     ablated = _results(tmp_path / "ablation")["stages"]
     assert (ablated["finetune_teacher"]["cache"], ablated["general_distill"]["cache"], ablated["task_distill"]["cache"]) == ("hit", "hit", "computed")
+    assert ablated["task_distill"]["summary"]["teacher_logits"] == str(logits_file)  # the same teacher on the same rows
     full_terms = task["intermediate"]["history"][0]
     ablated_terms = ablated["task_distill"]["summary"]["intermediate"]["history"][0]
     assert {"embedding", "attention", "hidden"} <= set(full_terms)
