@@ -111,6 +111,12 @@ def config_slice(cfg: DictConfig, paths: tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
+def cache_root_of(output: StageOutput) -> Path:
+    """The cache directory holding a cached stage's output (``<root>/<stage>/<key>``): where data that
+    several stages share, such as a teacher's logits, is kept beside the stage outputs."""
+    return output.path.parent.parent
+
+
 def stage_key(name: str, version: str, slice_: dict[str, Any], input_keys: dict[str, str]) -> str:
     payload = json.dumps(
         {"stage": name, "version": version, "config": slice_, "inputs": input_keys}, sort_keys=True, default=str

@@ -19,7 +19,7 @@ from kdrun.data.tasks import TaskSpec
 from kdrun.metrics import compute_metrics
 from kdrun.models.inputs import forward_inputs
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def model_inputs(
@@ -54,7 +54,7 @@ def _rows_progress(description: str | None, total: int) -> Iterator[Callable[[in
             done += rows
             bar.advance(task, rows)
             if done >= next_log or done == total:
-                log.info("%s: %d/%d rows (%.0f rows/s)", description, done, total, done / (time.perf_counter() - start))
+                logger.info("%s: %d/%d rows (%.0f rows/s)", description, done, total, done / (time.perf_counter() - start))
                 next_log += max(total // 10, 1)
 
         yield advance

@@ -8,14 +8,13 @@ logits, MSE for regression, or plain cross-entropy on gold labels for the
 when that stage runs before this one, else from ``student.init``. The teacher's
 logits for step 2 are computed once, keyed by example id, and kept in the
 cache beside the stage outputs under a key of the teacher and the training rows
-alone, so every student, ablation and seed of a sweep shares them. Output: ``model/``, the student with its task head (best dev
-checkpoint of step 2).
+alone, so every student, ablation and seed of a sweep shares them. Output:
+``model/``, the student with its task head (best dev checkpoint of step 2).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
 from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits, objective_from_config, tinybert_loss
 from kdrun.models.loading import load_for_sequence_classification, load_model_config, load_tokenizer
 from kdrun.models.students import bilstm_student_for_task, distil_student_for_task, student_bert_config, student_for_task
-from kdrun.pipeline import PipelineError, Stage, StageOutput, config_slice, register
+from kdrun.pipeline import PipelineError, Stage, StageOutput, cache_root_of, config_slice, register, stage_key
 from kdrun.predict import main_metric_key, score_dev_sets
 from kdrun.stages import task_data
 from kdrun.stages.augment import load_augmented
@@ -158,10 +157,9 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         if settings.hard_weight < 1.0:
             teacher_set = train_set if tokenizer is teacher_tokenizer else task_data.tokenized({"train": train_examples}, teacher_tokenizer, cfg)["train"]
             teacher_collate = collate if tokenizer is teacher_tokenizer else task_data.collator(teacher_tokenizer, task)
-            logits = TeacherLogits.cached(
-                teacher, teacher_set, teacher_collate, cfg.task_distill.prediction.train.eval_batch_size, _teacher_logits_path(cfg, inputs)
-            )
-            summary["teacher_logits"] = str(_teacher_logits_path(cfg, inputs))
+            logits_path = _teacher_logits_path(cfg, inputs)
+            logits = TeacherLogits.cached(teacher, teacher_set, teacher_collate, cfg.task_distill.prediction.train.eval_batch_size, logits_path)
+            summary["teacher_logits"] = str(logits_path)
         seed_everything(cfg.task_distill.prediction.train.seed)
         outcome = _train_once(
             TrainingJob(
@@ -191,11 +189,10 @@ def _teacher_logits_path(cfg: DictConfig, inputs: dict[str, StageOutput]) -> Pat
     the key naming the teacher and the rows (task, sample, augmentation, length) but not the
     student, since recomputing them (minutes over an augmented set) for every row of an ablation
     sweep would dominate it."""
-    teacher = inputs["finetune_teacher"]
     rows = config_slice(cfg, ("task", "data.max_seq_length", "data.max_train_examples", "data.sample_seed"))
-    parts = {"teacher": teacher.key, "augment": inputs["augment"].key if "augment" in inputs else None, "rows": rows}
-    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return teacher.path.parent.parent / "teacher_logits" / f"{key}.safetensors"
+    sources = {name: inputs[name].key for name in ("finetune_teacher", "augment") if name in inputs}
+    key = stage_key("teacher_logits", "1", rows, sources)
+    return cache_root_of(inputs["finetune_teacher"]) / "teacher_logits" / f"{key}.safetensors"
 
 
 def _train_once(job: TrainingJob, settings: DictConfig, device: DictConfig, step_dir: Path) -> TrainOutcome:
