@@ -11,7 +11,6 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from kdrun.report.plots import pareto_front
 from kdrun.report import ReportError, build_table, load_runs, main, write_report
 from kdrun.report.plots import pareto_front
 from kdrun.report.tables import to_latex, to_markdown
@@ -96,8 +95,11 @@ def test_relative_rows_merged_references_and_errors(sweep: Path, tmp_path: Path)
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text(yaml.safe_dump({"source": "T2", "rows": {"none": {"mrpc": 1.0}}}))
     b.write_text(yaml.safe_dump({"source": "T3", "rows": {"none": {"mrpc": 2.0}, "no_attn": {"mrpc": 3.0}}}))
+    b.write_text(yaml.safe_dump({"source": "T3", "task_columns": {"cola": "cola_mcc"},
+                                 "rows": {"none": {"mrpc": 2.0, "cola_mcc": 4.0}, "no_attn": {"mrpc": 3.0}}}))
     merged = build_table(load_runs([sweep]), {"reference": f"{a},{b}"})
     assert merged.cells[("none", "mrpc")].published == 1.0 and merged.cells[("no_attn", "mrpc")].published == 3.0
+    assert merged.cells[("none", "cola")].published == 4.0  # the task's column named by task_columns
     with pytest.raises(ReportError, match="reference table 'no_such_table' not found"):
         build_table(load_runs([sweep]), {"reference": "no_such_table"})
     with pytest.raises(ReportError, match="no results.json"):
@@ -125,8 +127,11 @@ def test_shipped_reference_tables_parse() -> None:
     for path in REFERENCES_DIR.glob("*.yaml"):
         table = yaml.safe_load(path.read_text())
         assert {"source", "split", "rows"} <= set(table), path.name
+        columns = set(table.get("columns") or {})
         for row, values in table["rows"].items():
             assert isinstance(values, dict), (path.name, row)
+            assert set(values) <= columns, (path.name, row, set(values) - columns)
+        assert set((table.get("task_columns") or {}).values()) <= columns, path.name
 
 
 def test_markdown_and_latex_escape_names() -> None:

@@ -160,7 +160,9 @@ def _published(reference: dict[str, Any] | None, row: str, column: str) -> float
     if not reference:
         return None
     values = (reference.get("rows") or {}).get(row) or {}
-    key = reference.get("compare_column") or column
+    # A run's column is a task (mnli); a paper may print several numbers for it (MNLI-m/mm):
+    # task_columns names the one the task's main metric is compared with.
+    key = reference.get("compare_column") or (reference.get("task_columns") or {}).get(column, column)
     value = values.get(key)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
