@@ -15,6 +15,7 @@ from kdrun.report import ReportError, build_table, load_runs, main, write_report
 from kdrun.report.plots import pareto_front
 from kdrun.report.tables import to_latex, to_markdown
 from kdrun.report.callback import SweepReport
+from kdrun.report.runs import load_reference
 
 
 def write_run(root: Path, name: str, ablation: str, task: str, score: float, parameters: int = 0, latency: float = 0.0, seed: int = 42) -> None:
@@ -100,6 +101,9 @@ def test_relative_rows_merged_references_and_errors(sweep: Path, tmp_path: Path)
     merged = build_table(load_runs([sweep]), {"reference": f"{a},{b}"})
     assert merged.cells[("none", "mrpc")].published == 1.0 and merged.cells[("no_attn", "mrpc")].published == 3.0
     assert merged.cells[("none", "cola")].published == 4.0  # the task's column named by task_columns
+    tinybert = load_reference("tinybert_table2,tinybert_table3")
+    assert tinybert["source"] == "Jiao et al. 2020, TinyBERT: Distilling BERT for Natural Language Understanding, Findings of EMNLP 2020, Table 2; Table 3"
+    assert load_reference(f"{a},{b}")["source"] == "T2; T3"
     with pytest.raises(ReportError, match="reference table 'no_such_table' not found"):
         build_table(load_runs([sweep]), {"reference": "no_such_table"})
     with pytest.raises(ReportError, match="no results.json"):

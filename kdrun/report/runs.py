@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def load_reference(name: str | None) -> dict[str, Any] | None:
     tables = [_reference_file(part.strip()) for part in name.split(",")]
     if len(tables) == 1:
         return tables[0]
-    merged: dict[str, Any] = {"source": "; ".join(t.get("source", "?") for t in tables), "split": tables[0].get("split"), "rows": {}, "task_columns": {}}
+    merged: dict[str, Any] = {"source": _merged_source([t.get("source", "?") for t in tables]), "split": tables[0].get("split"), "rows": {}, "task_columns": {}}
     for table in tables:
         for row, values in (table.get("rows") or {}).items():
             for column, value in values.items():  # cell by cell: the first table that prints a cell wins
@@ -65,6 +66,13 @@ def load_reference(name: str | None) -> dict[str, Any] | None:
         for task, column in (table.get("task_columns") or {}).items():
             merged["task_columns"].setdefault(task, column)
     return merged
+
+
+def _merged_source(sources: Sequence[str]) -> str:
+    """Tables of one paper name it once: "Jiao et al. 2020, ..., Table 2; Table 3" rather than the citation twice."""
+    prefix = os.path.commonprefix(list(sources))
+    cut = prefix.rfind(", ") + 2 if ", " in prefix else 0
+    return sources[0][:cut] + "; ".join(source[cut:] for source in sources)
 
 
 def _reference_file(name: str) -> dict[str, Any]:
