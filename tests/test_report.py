@@ -144,3 +144,17 @@ def test_markdown_and_latex_escape_names() -> None:
     table = SweepTable("t_1: 50%", "ablation", "task", ["no_embd"], ["sst2"], {("no_embd", "sst2"): Cell([90.0])})
     assert r"no\_embd & 90.00" in to_latex(table) and r"t\_1: 50\%" in to_latex(table)
     assert "| no_embd | 90.00 |" in to_markdown(table)
+
+
+def test_size_column_is_packed_size_when_quantized_else_the_fp32_file(tmp_path: Path) -> None:
+    root = tmp_path / "qbert"
+    write_run(root, "0", "qbert_fp32", "sst2", 0.89, 22_000_000, 40.0)
+    write_run(root, "1", "qbert_w4", "sst2", 0.87, 22_000_000, 40.0)
+    for name, efficiency in {"0": {"size_on_disk_bytes": 90_860_000}, "1": {"size_on_disk_bytes": 90_860_000,
+                             "quantization": {"packed_bytes": 17_960_000, "compression": 5.06}}}.items():
+        record = json.loads((root / name / "results.json").read_text())
+        record["efficiency"].update(efficiency)
+        (root / name / "results.json").write_text(json.dumps(record))
+    table = build_table(load_runs([root]))
+    assert table.extras["size (MB)"] == pytest.approx({"qbert_fp32": 90.86, "qbert_w4": 17.96})
+    assert table.extras["compression"] == {"qbert_w4": 5.06}

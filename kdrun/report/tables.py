@@ -32,13 +32,14 @@ from kdrun.report.runs import ReportError, field_value, load_reference, load_run
 
 DEFAULT_SETTINGS = {"rows": "ablation", "columns": "task", "metric": "main_score", "scale": 100.0, "reference": None, "relative_to": None}
 # Per-row measures shown after the score columns when the runs report them (mean over the row's runs).
+# The first field a run has is used: an unquantized model's size is its fp32 safetensors file.
 EFFICIENCY_FIELDS = {
-    "params (M)": ("efficiency.parameters", 1e-6),
-    "size (MB)": ("efficiency.quantization.packed_bytes", 1e-6),
-    "compression": ("efficiency.quantization.compression", 1.0),
-    "latency bs1 (ms)": ("efficiency.latency_ms_bs1", 1.0),
-    "int8 speed-up bs1": ("int8.speedup_bs1", 1.0),
-    "int8 speed-up bs32": ("int8.speedup_bs32", 1.0),
+    "params (M)": (("efficiency.parameters",), 1e-6),
+    "size (MB)": (("efficiency.quantization.packed_bytes", "efficiency.size_on_disk_bytes"), 1e-6),
+    "compression": (("efficiency.quantization.compression",), 1.0),
+    "latency bs1 (ms)": (("efficiency.latency_ms_bs1",), 1.0),
+    "int8 speed-up bs1": (("int8.speedup_bs1",), 1.0),
+    "int8 speed-up bs32": (("int8.speedup_bs32",), 1.0),
 }
 
 
@@ -135,9 +136,9 @@ def build_table(runs: Sequence[dict[str, Any]], settings: dict[str, Any] | None 
     reference = load_reference(chosen["reference"])
     cells = {key: Cell(values, _published(reference, *key)) for key, values in grouped.items()}
     extras: dict[str, dict[str, float]] = {}
-    for name, (path, factor) in EFFICIENCY_FIELDS.items():
-        values = {row: statistics.fmean(float(field_value(r, path)) * factor for r in members if field_value(r, path) is not None)
-                  for row, members in per_row.items() if any(field_value(r, path) is not None for r in members)}
+    for name, (paths, factor) in EFFICIENCY_FIELDS.items():
+        measured = {row: [v * factor for v in (_first_field(r, paths) for r in members) if v is not None] for row, members in per_row.items()}
+        values = {row: statistics.fmean(found) for row, found in measured.items() if found}
         if values:
             extras[name] = values
     experiments = list(dict.fromkeys(str(run.get("experiment", "")) for run in runs))
@@ -154,6 +155,14 @@ def _relative(grouped: dict[tuple[str, str], list[float]], base_row: str, column
     if not bases:
         raise ReportError(f"report.relative_to={base_row} but no run has that row.")
     return {(r, c): [v - bases[c] for v in values] for (r, c), values in grouped.items() if c in bases}
+
+
+def _first_field(run: dict[str, Any], paths: Sequence[str]) -> float | None:
+    for path in paths:
+        value = field_value(run, path)
+        if value is not None:
+            return float(value)
+    return None
 
 
 def _published(reference: dict[str, Any] | None, row: str, column: str) -> float | None:
