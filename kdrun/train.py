@@ -114,6 +114,15 @@ def get_accelerator(device: DeviceConfig) -> Accelerator:
     return _ACCELERATORS[key]
 
 
+def _forget_earlier_trainings(accelerator: Accelerator) -> None:
+    """The accelerator is shared by every training loop of a process (a pipeline's stages, a sweep's jobs
+    in one joblib worker), and its checkpoints hold everything it was ever given. Without this a later loop
+    saved the earlier loops' models and optimizers too, and a fresh process could not resume from it
+    (accelerate refuses a checkpoint whose custom objects it did not register)."""
+    accelerator.free_memory()
+    accelerator._custom_objects.clear()  # accelerate has no public way to unregister them
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch; call before building a model so its new heads are reproducible."""
     set_seed(seed)
@@ -218,6 +227,7 @@ class _TrainingLoop:
         work_dir.mkdir(parents=True, exist_ok=True)
         self.job, self.cfg = job, cfg
         self.accelerator = get_accelerator(device)
+        _forget_earlier_trainings(self.accelerator)
         seed_everything(cfg.seed)
         self.sampler = EpochBatchSampler(job.train_features["length"], cfg.batch_size, cfg.seed, cfg.group_by_length)
         # Its own generator: iterating must not consume the global RNG that dropout draws from,
