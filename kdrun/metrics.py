@@ -7,6 +7,7 @@ comparable with published GLUE results computed the same way.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
@@ -14,7 +15,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from kdrun.data.tasks import TaskSpec
 
-__all__ = ["compute_metrics", "main_metric_value"]
+__all__ = ["Evaluation", "compute_metrics", "main_metric_value"]
 
 
 def _as_class_indices(predictions: np.ndarray) -> np.ndarray:
@@ -40,6 +41,19 @@ def _as_scores(predictions: np.ndarray) -> np.ndarray:
     if preds.ndim != 1:
         raise ValueError(f"regression predictions must be 1-D or (n, 1), got shape {preds.shape}")
     return preds
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A checkpoint's dev metrics, and whether the training loop may keep it as the best model.
+
+    A score alone cannot say: a classifier that answers "equivalent" to every MRPC pair scores 81.2 F1,
+    more than a weak student that actually reads its input, and keeping it would put a constant
+    predictor into a paper table (it did, in a TinyBERT Table 3 run)."""
+
+    metrics: dict[str, float]
+    # Why this checkpoint must not be kept as the best however well it scores; None when it may be.
+    not_selectable_because: str | None = None
 
 
 def compute_metrics(

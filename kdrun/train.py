@@ -39,6 +39,7 @@ from transformers import get_linear_schedule_with_warmup
 from kdrun import tracking
 from kdrun.config import DeviceConfig, TrainConfig
 from kdrun.data.batching import EpochBatchSampler
+from kdrun.metrics import Evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +60,8 @@ class TrainingJob:
     compute_loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], LossOutput]
     # Writes a self-contained, loadable model directory (e.g. ``save_pretrained``).
     save_model: Callable[[torch.nn.Module, Path], None]
-    # model -> dev metrics; None disables periodic evaluation and best-model selection.
-    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    # model -> dev metrics (and whether it may be kept as best); None disables evaluation and best-model selection.
+    evaluate: Callable[[torch.nn.Module], Evaluation] | None = None
     best_metric: str | None = None
     greater_is_better: bool = True
     keep_best: bool = True
@@ -71,7 +72,7 @@ class TrainingJob:
 class TrainOutcome:
     model_dir: Path  # the best model when evaluating, else the last
     global_step: int
-    best_metrics: dict[str, float] | None
+    best_metrics: dict[str, float] | None  # the kept model's dev metrics and step (None: not evaluated, or keep_best off)
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     examples_per_second: float = 0.0
@@ -245,6 +246,7 @@ class _TrainingLoop:
         self.model_dir = work_dir / "model"
         self.eval_every = cfg.eval_every_steps  # None: only at the end of each epoch
         self.last_eval_step = -1
+        self.last_metrics: dict[str, float] = {}
         self.fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
         self.state: dict[str, Any] = {
             "step": 0, "epoch": 0, "batches_done": 0, "best": None, "best_metrics": None, "history": []
@@ -275,7 +277,12 @@ class _TrainingLoop:
         except KeyboardInterrupt:
             self._save_on_interrupt()
             raise
-        if self.state["best_metrics"] is None or not self.job.keep_best or not self.model_dir.exists():
+        if self.job.keep_best and self.state["best_metrics"] is None and any("not_selectable_because" in h for h in self.state["history"]):
+            # Every evaluation was ruled out: the last step's model is kept, and its scores reported as such.
+            logger.warning("%s: no evaluation could be kept as the best model; keeping the last step's.", self.job.description)
+            self.state["best_metrics"] = {"step": self.state["step"], **self.last_metrics}
+            self._save_model()
+        elif self.state["best_metrics"] is None or not self.job.keep_best or not self.model_dir.exists():
             self._save_model()
         self.checkpoints.remove()
         return TrainOutcome(
@@ -360,13 +367,22 @@ class _TrainingLoop:
             return
         self.last_eval_step = state["step"]
         self.model.eval()
-        metrics = job.evaluate(self.accelerator.unwrap_model(self.model))
+        evaluation = job.evaluate(self.accelerator.unwrap_model(self.model))
         self.model.train()
-        state["history"].append({"step": state["step"], "epoch": state["epoch"], **{f"eval_{k}": v for k, v in metrics.items()}})
+        metrics, reason = evaluation.metrics, evaluation.not_selectable_because
+        self.last_metrics = metrics
+        entry: dict[str, Any] = {"step": state["step"], "epoch": state["epoch"], **{f"eval_{k}": v for k, v in metrics.items()}}
+        if reason:
+            entry["not_selectable_because"] = reason
+        state["history"].append(entry)
         tracking.current().log_metrics({f"{job.description}/eval_{k}": v for k, v in metrics.items()}, state["step"])
         logger.info("step %d: %s", state["step"], ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         value = metrics[job.best_metric] if job.best_metric else None
-        if job.keep_best and value is not None and _improved(value, state["best"], job.greater_is_better):
+        if not job.keep_best or value is None:
+            return
+        if reason:
+            logger.warning("step %d cannot be kept as the best model: %s.", state["step"], reason)
+        elif _improved(value, state["best"], job.greater_is_better):
             state["best"], state["best_metrics"] = value, {"step": state["step"], **metrics}
             self._save_model()
 

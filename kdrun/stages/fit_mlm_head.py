@@ -23,6 +23,7 @@ from kdrun.data.corpus import check_corpus, corpus_dataset
 from kdrun.data.mlm import MaskingCollator
 from kdrun.models.masked_lm import masked_lm_head
 from kdrun.models.loading import load_checked_config, load_tokenizer, resolve_model_path
+from kdrun.metrics import Evaluation
 from kdrun.pipeline import Stage, StageOutput, register
 from kdrun.predict import model_inputs
 from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
@@ -96,14 +97,14 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     heldout = corpus.select(range(len(corpus) - settings.heldout_sequences, len(corpus)))
     train_set = corpus.select(range(len(corpus) - settings.heldout_sequences))
 
-    def evaluate(module: nn.Module) -> dict[str, float]:
-        return masked_token_accuracy(module, heldout, tokenizer, settings.mlm_probability, settings.train.eval_batch_size, seed=0)
+    def evaluate(module: nn.Module) -> Evaluation:
+        return Evaluation(masked_token_accuracy(module, heldout, tokenizer, settings.mlm_probability, settings.train.eval_batch_size, seed=0))
 
     def save_model(module: nn.Module, directory: Path) -> None:
         module.mlm.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
-    before = evaluate(model.to(accelerator.device))
+    before = evaluate(model.to(accelerator.device)).metrics
     outcome = train(
         TrainingJob(
             model=model,

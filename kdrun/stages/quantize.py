@@ -25,9 +25,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
 from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits
+from kdrun.metrics import Evaluation
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
 from kdrun.report.plots import plot_sensitivities
-from kdrun.predict import main_metric_key, score_dev_sets
+from kdrun.predict import evaluate_checkpoint, main_metric_key
 from kdrun.quant.allocation import mixed_precision_bits, uniform_bits
 from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, encoder_layers
 from kdrun.quant.size import packed_size
@@ -98,8 +99,8 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         tokenizer.save_pretrained(directory)
         plan.save(directory)
 
-    def evaluate(wrapper: torch.nn.Module) -> dict[str, float]:
-        return score_dev_sets(wrapper.student, task, dev_sets, collate, settings.train.eval_batch_size)
+    def evaluate(wrapper: torch.nn.Module) -> Evaluation:
+        return evaluate_checkpoint(wrapper.student, task, dev_sets, collate, settings.train.eval_batch_size)
 
     summary: dict[str, Any] = {"model_dir": "model", "quantized": True, "plan": plan.__dict__ | {"layer_bits": list(plan.layer_bits)}}
     if settings.finetune:
@@ -133,7 +134,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     else:
         enable_fake_quantization(model, plan)
         save_model(StudentWithProjections(model), out_dir / "model")
-        summary["best_dev"] = evaluate(StudentWithProjections(model))
+        summary["best_dev"] = evaluate(StudentWithProjections(model)).metrics
 
     size = packed_size(model, plan)
     summary["size"] = size
@@ -152,6 +153,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
 STAGE = register(
     Stage(
         name="quantize",
+        version="2",  # 2: a checkpoint predicting one class for a whole dev split is never kept as the best
         run=run,
         check=check,
         reads=("task", "data.max_seq_length", "data.max_train_examples", "data.max_eval_examples", "data.sample_seed", "quantize"),

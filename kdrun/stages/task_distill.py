@@ -26,8 +26,9 @@ from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
 from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits, objective_from_config, tinybert_loss
 from kdrun.models.loading import load_for_sequence_classification, load_model_config, load_tokenizer
 from kdrun.models.students import bilstm_student_for_task, distil_student_for_task, student_bert_config, student_for_task
+from kdrun.metrics import Evaluation
 from kdrun.pipeline import PipelineError, Stage, StageOutput, cache_root_of, config_slice, register, stage_key
-from kdrun.predict import main_metric_key, score_dev_sets
+from kdrun.predict import evaluate_checkpoint, main_metric_key
 from kdrun.stages import task_data
 from kdrun.stages.augment import load_augmented
 from kdrun.train import TrainingJob, TrainOutcome, get_accelerator, seed_everything, train
@@ -126,8 +127,8 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         tokenizer.save_pretrained(directory)
         model.save_projections(directory)
 
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        return score_dev_sets(model.student, task, dev_sets, collate, cfg.task_distill.prediction.train.eval_batch_size)
+    def evaluate(model: torch.nn.Module) -> Evaluation:
+        return evaluate_checkpoint(model.student, task, dev_sets, collate, cfg.task_distill.prediction.train.eval_batch_size)
 
     if cfg.task_distill.intermediate.enabled:
         objective, projections = objective_from_config(cfg.distill, _intermediate_weights(cfg), student.config, teacher.config)
@@ -209,6 +210,7 @@ def _train_once(job: TrainingJob, settings: DictConfig, device: DictConfig, step
 STAGE = register(
     Stage(
         name="task_distill",
+        version="2",  # 2: a checkpoint predicting one class for a whole dev split is never kept as the best
         run=run,
         check=check,
         reads=(
