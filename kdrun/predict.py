@@ -91,36 +91,6 @@ def logits_to_predictions(task: TaskSpec, logits: np.ndarray) -> np.ndarray:
     return logits[:, 0] if task.is_regression else logits.argmax(axis=-1)
 
 
-def _dev_predictions(
-    model: torch.nn.Module,
-    task: TaskSpec,
-    dev_sets: Mapping[str, datasets.Dataset],
-    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
-    batch_size: int,
-) -> dict[str, np.ndarray]:
-    return {split: logits_to_predictions(task, predict_logits(model, features, collate, batch_size)) for split, features in dev_sets.items()}
-
-
-def _scores(task: TaskSpec, dev_sets: Mapping[str, datasets.Dataset], predictions: Mapping[str, np.ndarray]) -> dict[str, float]:
-    scores: dict[str, float] = {}
-    for split, features in dev_sets.items():
-        metrics = compute_metrics(task, predictions[split], np.asarray(features["label"]))
-        prefix = f"{split}/" if len(dev_sets) > 1 else ""
-        scores.update({f"{prefix}{name}": value for name, value in metrics.items()})
-    return scores
-
-
-def score_dev_sets(
-    model: torch.nn.Module,
-    task: TaskSpec,
-    dev_sets: Mapping[str, datasets.Dataset],
-    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
-    batch_size: int,
-) -> dict[str, float]:
-    """Task metrics on each dev split; keys are ``<metric>`` for one split, ``<split>/<metric>`` for MNLI's two."""
-    return _scores(task, dev_sets, _dev_predictions(model, task, dev_sets, collate, batch_size))
-
-
 def single_class_predictions(task: TaskSpec, predictions: Mapping[str, np.ndarray]) -> str | None:
     """Says which split a classifier answered with one class throughout, or None if it did not."""
     if task.is_regression:
@@ -133,17 +103,24 @@ def single_class_predictions(task: TaskSpec, predictions: Mapping[str, np.ndarra
     return f"it predicts {' and '.join(constant)}" if constant else None
 
 
-def evaluate_checkpoint(
+def score_dev_sets(
     model: torch.nn.Module,
     task: TaskSpec,
     dev_sets: Mapping[str, datasets.Dataset],
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
     batch_size: int,
 ) -> Evaluation:
-    """``score_dev_sets`` for a training loop choosing its best checkpoint: a classifier that gives every
-    dev example of a split the same class is not selectable, however it scores."""
-    predictions = _dev_predictions(model, task, dev_sets, collate, batch_size)
-    return Evaluation(_scores(task, dev_sets, predictions), single_class_predictions(task, predictions))
+    """Task metrics on each dev split (keys ``<metric>`` for one split, ``<split>/<metric>`` for MNLI's
+    two), and, for a training loop choosing its best checkpoint, whether the model may be kept: a
+    classifier that gives every example of a split the same class may not, however it scores."""
+    predictions: dict[str, np.ndarray] = {}
+    scores: dict[str, float] = {}
+    for split, features in dev_sets.items():
+        predictions[split] = logits_to_predictions(task, predict_logits(model, features, collate, batch_size))
+        metrics = compute_metrics(task, predictions[split], np.asarray(features["label"]))
+        prefix = f"{split}/" if len(dev_sets) > 1 else ""
+        scores.update({f"{prefix}{name}": value for name, value in metrics.items()})
+    return Evaluation(scores, single_class_predictions(task, predictions))
 
 
 def main_metric_key(task: TaskSpec) -> str:

@@ -14,7 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from kdrun.data.tasks import get_task
-from kdrun.predict import evaluate_checkpoint, predict_logits, score_dev_sets, single_class_predictions
+from kdrun.predict import predict_logits, score_dev_sets, single_class_predictions
 
 
 class _SumOfIds(nn.Module):
@@ -87,19 +87,17 @@ def _labelled(first_tokens: list[int], labels: list[int] | list[float]) -> datas
 def test_a_constant_classifier_is_scored_but_not_selectable() -> None:
     mrpc = get_task("mrpc")
     dev = {"dev": _labelled([1, 2, 3, 5], [1, 1, 0, 1])}
-    evaluation = evaluate_checkpoint(_FirstTokenParity(always_positive=True), mrpc, dev, _collate, batch_size=3)
+    evaluation = score_dev_sets(_FirstTokenParity(always_positive=True), mrpc, dev, _collate, batch_size=3)
     gold, predicted = [1, 1, 0, 1], [1, 1, 1, 1]
     assert evaluation.metrics == pytest.approx({"f1": f1_score(gold, predicted), "accuracy": accuracy_score(gold, predicted)})
     assert evaluation.metrics["f1"] == pytest.approx(6 / 7)  # better than the reader below, which is why it matters
     assert evaluation.not_selectable_because == "it predicts 'equivalent' for all 4 dev examples"
-    # The same numbers as the evaluation stage's scores.
-    assert score_dev_sets(_FirstTokenParity(always_positive=True), mrpc, dev, _collate, batch_size=3) == evaluation.metrics
 
 
 def test_a_classifier_that_reads_its_input_is_selectable() -> None:
     mrpc = get_task("mrpc")
     dev = {"dev": _labelled([1, 2, 3, 5], [1, 1, 0, 1])}
-    evaluation = evaluate_checkpoint(_FirstTokenParity(), mrpc, dev, _collate, batch_size=3)
+    evaluation = score_dev_sets(_FirstTokenParity(), mrpc, dev, _collate, batch_size=3)
     gold, predicted = [1, 1, 0, 1], [1, 0, 1, 1]
     assert evaluation.metrics == pytest.approx({"f1": f1_score(gold, predicted), "accuracy": accuracy_score(gold, predicted)})
     assert evaluation.not_selectable_because is None

@@ -60,7 +60,7 @@ def _int8_export(model, tokenizer, task, dev_sets, collate, latency_texts, cfg: 
     cpu = torch.device("cpu")
     full_precision = materialize(copy.deepcopy(model)).to(cpu).eval()
     int8_model = export_int8(full_precision)
-    result: dict[str, Any] = {"dev": score_dev_sets(int8_model, task, dev_sets, collate, cfg.evaluate.batch_size)}
+    result: dict[str, Any] = {"dev": score_dev_sets(int8_model, task, dev_sets, collate, cfg.evaluate.batch_size).metrics}
     fp32 = _latency(full_precision, tokenizer, *latency_texts, cfg, cpu)
     int8 = _latency(int8_model, tokenizer, *latency_texts, cfg, cpu)
     for batch_size in cfg.evaluate.latency_batch_sizes:
@@ -95,7 +95,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     if plan is not None:
         enable_fake_quantization(model, plan)
         efficiency["quantization"] = {"layer_bits": list(plan.layer_bits), "groups": plan.groups, **packed_size(model, plan)}
-    metrics = score_dev_sets(model, task, dev_sets, collate, cfg.evaluate.batch_size)
+    metrics = score_dev_sets(model, task, dev_sets, collate, cfg.evaluate.batch_size).metrics
     int8 = _int8_export(model, tokenizer, task, dev_sets, collate, latency_texts, cfg) if cfg.evaluate.int8 else None
 
     submissions: list[str] = []

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from kdrun.models.loading import classification_config, load_for_sequence_classification, load_tokenizer, check_tokenizer_matches
 from kdrun.pipeline import Stage, StageOutput, register
-from kdrun.predict import evaluate_checkpoint, main_metric_key, model_inputs
+from kdrun.predict import main_metric_key, model_inputs, score_dev_sets
 from kdrun.stages import task_data
 from kdrun.train import TrainingJob, seed_everything, train
 
@@ -49,7 +49,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         collate=collate,
         compute_loss=compute_loss,
         save_model=save_model,
-        evaluate=lambda m: evaluate_checkpoint(m, task, dev_sets, collate, settings.train.eval_batch_size),
+        evaluate=lambda m: score_dev_sets(m, task, dev_sets, collate, settings.train.eval_batch_size),
         best_metric=main_metric_key(task),
         keep_best=settings.keep_best,
         description=f"finetune_teacher {task.name}",

@@ -28,7 +28,7 @@ from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits
 from kdrun.metrics import Evaluation
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
 from kdrun.report.plots import plot_sensitivities
-from kdrun.predict import evaluate_checkpoint, main_metric_key
+from kdrun.predict import main_metric_key, score_dev_sets
 from kdrun.quant.allocation import mixed_precision_bits, uniform_bits
 from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, encoder_layers
 from kdrun.quant.size import packed_size
@@ -100,7 +100,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         plan.save(directory)
 
     def evaluate(wrapper: torch.nn.Module) -> Evaluation:
-        return evaluate_checkpoint(wrapper.student, task, dev_sets, collate, settings.train.eval_batch_size)
+        return score_dev_sets(wrapper.student, task, dev_sets, collate, settings.train.eval_batch_size)
 
     summary: dict[str, Any] = {"model_dir": "model", "quantized": True, "plan": plan.__dict__ | {"layer_bits": list(plan.layer_bits)}}
     if settings.finetune:

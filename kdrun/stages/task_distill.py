@@ -28,7 +28,7 @@ from kdrun.models.loading import load_for_sequence_classification, load_model_co
 from kdrun.models.students import bilstm_student_for_task, distil_student_for_task, student_bert_config, student_for_task
 from kdrun.metrics import Evaluation
 from kdrun.pipeline import PipelineError, Stage, StageOutput, cache_root_of, config_slice, register, stage_key
-from kdrun.predict import evaluate_checkpoint, main_metric_key
+from kdrun.predict import main_metric_key, score_dev_sets
 from kdrun.stages import task_data
 from kdrun.stages.augment import load_augmented
 from kdrun.train import TrainingJob, TrainOutcome, get_accelerator, seed_everything, train
@@ -128,7 +128,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         model.save_projections(directory)
 
     def evaluate(model: torch.nn.Module) -> Evaluation:
-        return evaluate_checkpoint(model.student, task, dev_sets, collate, cfg.task_distill.prediction.train.eval_batch_size)
+        return score_dev_sets(model.student, task, dev_sets, collate, cfg.task_distill.prediction.train.eval_batch_size)
 
     if cfg.task_distill.intermediate.enabled:
         objective, projections = objective_from_config(cfg.distill, _intermediate_weights(cfg), student.config, teacher.config)
