@@ -39,6 +39,7 @@ def build_results(cfg: DictConfig, outputs: dict[str, StageOutput], overrides: l
     if "evaluate" in outputs:
         evaluation = outputs["evaluate"].summary
         record.update(metrics=evaluation["dev"], main_metric=evaluation["main_metric"], main_score=evaluation["main_score"], efficiency=evaluation["efficiency"])
+        record["predicts_one_class"] = evaluation.get("predicts_one_class")
         if "int8" in evaluation:
             record["int8"] = evaluation["int8"]
     return record

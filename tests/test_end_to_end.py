@@ -36,6 +36,12 @@ def test_tiny_bert_pair_task_end_to_end_then_cache_hit_then_force(run_kdrun, tin
     assert set(results["metrics"]) == {"f1", "accuracy"}
     assert 0.0 <= results["metrics"]["accuracy"] <= 1.0
     assert results["main_metric"] == "f1"
+    # A tiny model trained 4 steps may well answer one class throughout; the record says so exactly.
+    dev_size = results["stages"]["evaluate"]["summary"]["dev_examples"]["dev"]
+    never_equivalent = f"it predicts 'not_equivalent' for all {dev_size} dev examples"
+    assert results["predicts_one_class"] in (None, never_equivalent, f"it predicts 'equivalent' for all {dev_size} dev examples")
+    if results["predicts_one_class"] == never_equivalent:
+        assert results["metrics"]["f1"] == 0.0
     efficiency = results["efficiency"]
     # BERT, hidden 32, 2 layers, FFN 64, vocab 30522, 128 positions, 2 token types, 2 labels:
     embeddings = 30522 * 32 + 128 * 32 + 2 * 32 + 2 * 32
@@ -64,6 +70,7 @@ def test_regression_task_and_test_predictions(run_kdrun, tiny_bert_dir, glue_dir
     run_kdrun("experiment=teacher_stsb", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", *TINY_RUN, "evaluate.predict_test=true")
     results = _results(tmp_path)
     assert set(results["metrics"]) == {"pearson", "spearman"}
+    assert results["predicts_one_class"] is None  # a regression has no classes to collapse to
     [submission] = results["stages"]["evaluate"]["summary"]["submissions"]
     lines = Path(submission).read_text().splitlines()
     assert Path(submission).name == "STS-B.tsv"

@@ -158,3 +158,25 @@ def test_size_column_is_packed_size_when_quantized_else_the_fp32_file(tmp_path: 
     table = build_table(load_runs([root]))
     assert table.extras["size (MB)"] == pytest.approx({"qbert_fp32": 90.86, "qbert_w4": 17.96})
     assert table.extras["compression"] == {"qbert_w4": 5.06}
+
+
+def test_constant_predictors_are_marked_in_every_format(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    write_run(root, "0", "none", "mrpc", 0.8122)
+    write_run(root, "1", "none", "mrpc", 0.7000)
+    write_run(root, "2", "no_attn", "mrpc", 0.7500)
+    record = json.loads((root / "0" / "results.json").read_text())
+    record["predicts_one_class"] = "it predicts 'equivalent' for all 408 dev examples"
+    (root / "0" / "results.json").write_text(json.dumps(record))
+    written = write_report(load_runs([root]), tmp_path / "out")
+    table = build_table(load_runs([root]))
+    assert table.cells[("none", "mrpc")].one_class_runs == 1 and table.cells[("no_attn", "mrpc")].one_class_runs == 0
+    assert table.body() == [["none", "75.61 ± 7.93 †"], ["no_attn", "75.00"]]
+    note = "† a run whose model gives every example of a dev split the same class (a constant predictor)"
+    assert table.notes == [note]
+    assert written["md"].read_text().endswith(f"| none | 75.61 ± 7.93 † |\n| no_attn | 75.00 |\n\n{note}\n")
+    assert r"75.61 $\pm$ 7.93 $\dagger$" in written["tex"].read_text() and r"$\dagger$ a run whose model" in written["tex"].read_text()
+    with written["csv"].open() as handle:
+        assert [(line["ablation"], line["one_class_runs"]) for line in csv.DictReader(handle)] == [("none", "1"), ("no_attn", "0")]
+    # Without constant predictors a table carries no note.
+    assert build_table(load_runs([root / "2"])).notes == []

@@ -43,10 +43,15 @@ EFFICIENCY_FIELDS = {
 }
 
 
+ONE_CLASS_MARK = "†"
+ONE_CLASS_NOTE = f"{ONE_CLASS_MARK} a run whose model gives every example of a dev split the same class (a constant predictor)"
+
+
 @dataclass
 class Cell:
     values: list[float]
     published: float | None = None
+    one_class_runs: int = 0  # how many of ``values`` come from a constant predictor (see ONE_CLASS_NOTE)
 
     @property
     def mean(self) -> float | None:
@@ -63,7 +68,8 @@ class Cell:
     def text(self) -> str:
         if self.mean is None:
             return "-"
-        return f"{self.mean:.2f} ± {self.std:.2f}" if self.std is not None else f"{self.mean:.2f}"
+        text = f"{self.mean:.2f} ± {self.std:.2f}" if self.std is not None else f"{self.mean:.2f}"
+        return f"{text} {ONE_CLASS_MARK}" if self.one_class_runs else text
 
 
 @dataclass
@@ -76,6 +82,11 @@ class SweepTable:
     cells: dict[tuple[str, str], Cell]
     extras: dict[str, dict[str, float]] = field(default_factory=dict)  # measure -> row -> value
     reference: dict[str, Any] | None = None
+
+    @property
+    def notes(self) -> list[str]:
+        """What the marks in the cells mean; a table of constant predictors must say so."""
+        return [ONE_CLASS_NOTE] if any(cell.one_class_runs for cell in self.cells.values()) else []
 
     @property
     def has_reference(self) -> bool:
@@ -121,6 +132,7 @@ def build_table(runs: Sequence[dict[str, Any]], settings: dict[str, Any] | None 
     rows: list[str] = []
     columns: list[str] = []
     grouped: dict[tuple[str, str], list[float]] = {}
+    one_class: dict[tuple[str, str], int] = {}
     per_row: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         row, column = str(field_value(run, row_field)), str(field_value(run, column_field))
@@ -130,11 +142,12 @@ def build_table(runs: Sequence[dict[str, Any]], settings: dict[str, Any] | None 
         rows += [row] if row not in rows else []
         columns += [column] if column not in columns else []
         grouped.setdefault((row, column), []).append(float(value) * scale)
+        one_class[(row, column)] = one_class.get((row, column), 0) + bool(run.get("predicts_one_class"))
         per_row.setdefault(row, []).append(run)
     if chosen["relative_to"]:
         grouped = _relative(grouped, str(chosen["relative_to"]), columns)
     reference = load_reference(chosen["reference"])
-    cells = {key: Cell(values, _published(reference, *key)) for key, values in grouped.items()}
+    cells = {key: Cell(values, _published(reference, *key), one_class[key]) for key, values in grouped.items()}
     extras: dict[str, dict[str, float]] = {}
     for name, (paths, factor) in EFFICIENCY_FIELDS.items():
         measured = {row: [v * factor for v in (_first_field(r, paths) for r in members) if v is not None] for row, members in per_row.items()}
@@ -180,7 +193,7 @@ def _published(reference: dict[str, Any] | None, row: str, column: str) -> float
 
 
 def print_table(table: SweepTable, console: Console | None = None) -> None:
-    rich_table = Table(title=table.title)
+    rich_table = Table(title=table.title, caption="\n".join(table.notes) or None)
     for index, name in enumerate(table.header()):
         rich_table.add_column(name, justify="left" if index == 0 else "right")
     for line in table.body():
@@ -199,13 +212,14 @@ def to_markdown(table: SweepTable) -> str:
     header = table.header()
     lines = [f"**{table.title}**", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(line) + " |" for line in table.body()]
+    lines += ["", *table.notes] if table.notes else []
     return "\n".join(lines) + "\n"
 
 
 def _latex_escape(text: str) -> str:
     for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#")):
         text = text.replace(char, escaped)
-    return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+    return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace(ONE_CLASS_MARK, r"$\dagger$")
 
 
 def to_latex(table: SweepTable) -> str:
@@ -215,7 +229,8 @@ def to_latex(table: SweepTable) -> str:
         " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule",
     ]
     lines += [" & ".join(_latex_escape(c) for c in line) + r" \\" for line in table.body()]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _latex_escape(table.title) + "}", r"\end{table}"]
+    caption = " ".join([table.title, *(f"{note}." for note in table.notes)])
+    lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _latex_escape(caption) + "}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
@@ -223,13 +238,15 @@ def write_csv(table: SweepTable, path: Path) -> None:
     """Long format: one line per cell, machine-readable (mean, std, n, published, difference)."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([table.row_field, table.column_field, "mean", "std", "n", "published", "difference"])
+        writer.writerow([table.row_field, table.column_field, "mean", "std", "n", "published", "difference", "one_class_runs"])
         for row in table.rows:
             for column in table.columns:
                 cell = table.cells.get((row, column))
                 if cell is None:
                     continue
-                writer.writerow([row, column, _number(cell.mean), _number(cell.std), len(cell.values), _number(cell.published), _number(cell.difference)])
+                writer.writerow(
+                    [row, column, _number(cell.mean), _number(cell.std), len(cell.values), _number(cell.published), _number(cell.difference), cell.one_class_runs]
+                )
 
 
 def _number(value: float | None) -> str:

@@ -95,7 +95,8 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     if plan is not None:
         enable_fake_quantization(model, plan)
         efficiency["quantization"] = {"layer_bits": list(plan.layer_bits), "groups": plan.groups, **packed_size(model, plan)}
-    metrics = score_dev_sets(model, task, dev_sets, collate, cfg.evaluate.batch_size).metrics
+    evaluation = score_dev_sets(model, task, dev_sets, collate, cfg.evaluate.batch_size)
+    metrics = evaluation.metrics
     int8 = _int8_export(model, tokenizer, task, dev_sets, collate, latency_texts, cfg) if cfg.evaluate.int8 else None
 
     submissions: list[str] = []
@@ -112,6 +113,8 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         "dev": metrics,
         "main_metric": main_metric_key(task),
         "main_score": metrics[main_metric_key(task)],
+        # Set when the model is a constant predictor (e.g. always 'equivalent' on MRPC): tables mark its score.
+        "predicts_one_class": evaluation.not_selectable_because,
         "dev_examples": {split: len(ds) for split, ds in dev_sets.items()},
         "efficiency": efficiency,
         "submissions": submissions,
@@ -129,6 +132,8 @@ def print_summary(task_name: str, model_from: str, summary: dict[str, Any]) -> N
     table.add_column("value", justify="right")
     for name, value in summary["dev"].items():
         table.add_row(f"dev {name}", f"{100 * value:.2f}")
+    if summary.get("predicts_one_class"):
+        table.add_row("[bold red]constant predictor", summary["predicts_one_class"])
     for name, value in summary["efficiency"].items():
         for label, item in (value.items() if isinstance(value, dict) else [(None, value)]):
             label = name if label is None else f"{name}: {label}"
