@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from kdrun.report import ReportError, build_table, load_runs, main, write_report
 from kdrun.report.plots import pareto_front
-from kdrun.report.tables import to_latex, to_markdown
+from kdrun.report.tables import to_latex, to_markdown, training_histories
 from kdrun.report.callback import SweepReport
 from kdrun.report.runs import load_reference
 
@@ -180,3 +180,16 @@ def test_constant_predictors_are_marked_in_every_format(tmp_path: Path) -> None:
         assert [(line["ablation"], line["one_class_runs"]) for line in csv.DictReader(handle)] == [("none", "1"), ("no_attn", "0")]
     # Without constant predictors a table carries no note.
     assert build_table(load_runs([root / "2"])).notes == []
+
+
+def test_training_curves_include_the_steps_of_a_stage() -> None:
+    intermediate = [{"step": 1, "loss": 9.0}]
+    prediction = [{"step": 1, "loss": 0.7}, {"step": 1, "eval_f1": 0.81, "not_selectable_because": "it predicts one class"}]
+    teacher = [{"step": 4, "loss": 0.5}]
+    run = {"stages": {
+        "finetune_teacher": {"summary": {"steps": 4, "history": teacher}},
+        "augment": {"summary": {"rows": 10}},
+        "task_distill": {"summary": {"intermediate": {"steps": 1, "history": intermediate}, "prediction": {"history": prediction}, "best_dev": {"f1": 0.81}}},
+        "evaluate": {"summary": {"dev": {"f1": 0.81}}},
+    }}
+    assert training_histories(run) == {"finetune_teacher": teacher, "task_distill intermediate": intermediate, "task_distill prediction": prediction}

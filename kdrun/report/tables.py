@@ -271,12 +271,25 @@ def write_report(runs: Sequence[dict[str, Any]], out_dir: Path, settings: dict[s
             paths = plot_pareto(points, x_name, f"{metric} (x100)", out_dir / f"pareto_{name}", title=table.title.split(":")[0])
             written[f"pareto_{name}"] = paths[0]
     for run in runs:
-        histories = {stage: out.get("summary", {}).get("history") for stage, out in (run.get("stages") or {}).items()}
-        histories = {stage: history for stage, history in histories.items() if history}
+        histories = training_histories(run)
         if histories:
             label = "_".join(str(field_value(run, f)) for f in (table.row_field, table.column_field))
             plot_training_curves(histories, out_dir / "curves" / label, title=label)
     return written
+
+
+def training_histories(run: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Each trained step's logged history, by stage; a stage that trains in steps (task distillation's
+    intermediate and prediction steps) keeps one history per step, and those are where ablation rows differ."""
+    histories: dict[str, list[dict[str, Any]]] = {}
+    for stage, output in (run.get("stages") or {}).items():
+        summary = output.get("summary") or {}
+        if summary.get("history"):
+            histories[stage] = summary["history"]
+        for step, part in summary.items():
+            if isinstance(part, dict) and part.get("history"):
+                histories[f"{stage} {step}"] = part["history"]
+    return histories
 
 
 def _pareto_points(table: SweepTable, x_name: str) -> list[tuple[str, float, float]]:
