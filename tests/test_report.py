@@ -12,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from kdrun.report import ReportError, build_table, load_runs, main, write_report
-from kdrun.report.plots import pareto_front
+from kdrun.report.plots import pareto_front, score_metrics
 from kdrun.report.tables import to_latex, to_markdown, training_histories
 from kdrun.report.callback import SweepReport
 from kdrun.report.runs import load_reference
@@ -193,3 +193,11 @@ def test_training_curves_include_the_steps_of_a_stage() -> None:
         "evaluate": {"summary": {"dev": {"f1": 0.81}}},
     }}
     assert training_histories(run) == {"finetune_teacher": teacher, "task_distill intermediate": intermediate, "task_distill prediction": prediction}
+
+
+def test_curves_draw_scores_not_counts_or_losses() -> None:
+    mlm_head = [{"step": 100, "eval_masked_token_accuracy": 0.21, "eval_masked_tokens": 4163, "eval_mlm_loss": 5.2},
+                {"step": 200, "eval_masked_token_accuracy": 0.24, "eval_masked_tokens": 4163, "eval_mlm_loss": 4.9}]
+    assert score_metrics(mlm_head) == ["eval_masked_token_accuracy"]
+    cola = [{"step": 1, "loss": 0.7}, {"step": 2, "eval_mcc": -0.05}, {"step": 3, "eval_mcc": 0.31}]
+    assert score_metrics(cola) == ["eval_mcc"]

@@ -70,6 +70,15 @@ def plot_pareto(points: Sequence[tuple[str, float, float]], x_label: str, y_labe
     return save_figure(figure, stem)
 
 
+def score_metrics(history: Sequence[dict]) -> list[str]:
+    """The logged dev metrics that are scores (every value in [-1, 1]: accuracy, F1, MCC, correlations).
+    Counts and losses (the MLM head's ``masked_tokens``, ``mlm_loss``) stay in the history but are not
+    drawn: on one axis with a score they would flatten it to a line."""
+    names = sorted({k for h in history for k in h if k.startswith("eval_")})
+    values = {name: [h[name] for h in history if name in h] for name in names}
+    return [name for name in names if all(isinstance(v, (int, float)) and -1.0 <= v <= 1.0 for v in values[name])]
+
+
 def plot_training_curves(histories: dict[str, list[dict]], stem: Path, title: str = "") -> list[Path]:
     """Training loss (and every logged dev metric) against optimizer steps, one panel row per stage."""
     figure, all_axes = plt.subplots(len(histories), 2, figsize=(9, 2.6 * len(histories)), squeeze=False)
@@ -79,7 +88,7 @@ def plot_training_curves(histories: dict[str, list[dict]], stem: Path, title: st
             loss_axes.plot(*zip(*losses), color="tab:blue")
         loss_axes.set_title(f"{stage}: training loss", fontsize=9)
         loss_axes.set_xlabel("step")
-        metrics = sorted({k for h in history for k in h if k.startswith("eval_")})
+        metrics = score_metrics(history)
         for metric in metrics:
             values = [(h["step"], h[metric]) for h in history if metric in h]
             eval_axes.plot(*zip(*values), marker="o", label=metric.removeprefix("eval_"))
