@@ -187,15 +187,18 @@ class QuantizeConfig:
 
 @dataclass
 class DeviceConfig:
-    """Where to run: ``auto`` picks CUDA when available.
+    """Where to run and in which precision (``kdrun/precision.py``).
 
-    ``mixed_precision``: ``auto`` means bf16 on a CUDA device that supports it,
-    fp16 on an older one, and none on the CPU (where autocast rarely pays off).
+    ``type``: ``auto`` picks CUDA when one is visible, else the CPU.
+    ``precision``: ``auto`` means bf16 where the device runs it natively (a CUDA
+    device with bf16; a CPU with AVX512-BF16 or AMX) and fp32 elsewhere; ``fp32``,
+    ``bf16``, or ``fp16`` (CUDA only, with a gradient scaler). Master weights and
+    optimizer state stay fp32; forwards run under autocast.
     """
 
     name: str = "auto"
     type: str = "auto"  # auto | cpu | cuda
-    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
     # CPU threads for torch (null: torch's default, all cores). Parallel sweep jobs on one machine
     # should split the cores (e.g. 2 jobs on 8 cores: device.threads=4), or they slow each other down.
     threads: Optional[int] = None
@@ -311,8 +314,9 @@ class EvaluateConfig:
     measure_latency: bool = True
     # Write GLUE-submission TSVs for the test split(s) into the run directory.
     predict_test: bool = False
-    # Also export the model to int8 CPU kernels (dynamic int8 linear layers) and time and score it.
-    int8: bool = False
+    # Deployment options scored and timed side by side (``deployment`` in results.json): ``fp32``,
+    # ``bf16`` (where the device runs it natively) and ``int8`` (dynamic int8 linear layers, CPU).
+    formats: list[str] = field(default_factory=lambda: ["fp32", "bf16", "int8"])
 
 
 @dataclass

@@ -7,7 +7,7 @@ comparable with published GLUE results computed the same way.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
@@ -54,6 +54,8 @@ class Evaluation:
     metrics: dict[str, float]
     # Why this checkpoint must not be kept as the best however well it scores; None when it may be.
     not_selectable_because: str | None = None
+    # The model's outputs per dev split (row order), for comparing formats of one model.
+    logits: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
 
 def compute_metrics(

@@ -65,6 +65,9 @@ class Stage:
     ``consumes_model``: it takes the model of the last model-producing stage before it.
     ``cached``: False for stages whose output belongs to the run (evaluation, reports).
     ``version``: bump when the stage's code changes what it computes.
+    ``uses_precision``: whether (given the config) the stage computes in the run's
+    precision, so that it joins the key: a bf16-trained teacher is another artefact
+    than an fp32 one. The resolved precision (never ``auto``) is what is keyed.
     """
 
     name: str
@@ -78,6 +81,7 @@ class Stage:
     cached: bool = True
     check: Callable[[DictConfig], None] | None = None
     version: str = "1"
+    uses_precision: bool | Callable[[DictConfig], bool] = True
 
 
 @dataclass
@@ -124,8 +128,25 @@ def stage_key(name: str, version: str, slice_: dict[str, Any], input_keys: dict[
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+PRECISION_KEY = "device.precision"
+
+
+def _precision_name(cfg: DictConfig) -> str:
+    from kdrun.precision import PrecisionError, resolve_precision
+
+    try:
+        return resolve_precision(cfg.device).name
+    except PrecisionError as error:
+        raise PipelineError(str(error)) from error
+
+
+def _uses_precision(stage: Stage, cfg: DictConfig) -> bool:
+    return stage.uses_precision(cfg) if callable(stage.uses_precision) else stage.uses_precision
+
+
 def plan(cfg: DictConfig) -> list[PlannedStage]:
     """Check the stage list and compute every key, before any work is done."""
+    precision = _precision_name(cfg)
     stages = registered_stages()
     names = list(cfg.pipeline.stages)
     unknown = [n for n in names if n not in stages]
@@ -152,6 +173,8 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
                 raise PipelineError(f"Stage '{name}' needs a model-producing stage before it in pipeline.stages ({names}).")
             inputs.append(producers[-1])
         slice_ = config_slice(cfg, stage.reads)
+        if _uses_precision(stage, cfg):
+            slice_[PRECISION_KEY] = precision
         keys[name] = stage_key(name, stage.version, slice_, {i: keys[i] for i in inputs})
         planned.append(PlannedStage(stage, inputs, keys[name], slice_))
     return planned
@@ -296,7 +319,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, StageOutput]:
     for step in planned:
         if step.stage.check is not None:
             step.stage.check(cfg)
+    from kdrun.precision import log_choice, resolve_precision
     from kdrun.train import get_accelerator
+
+    log_choice(resolve_precision(cfg.device))
 
     group = get_accelerator(cfg.device)
     cache = StageCache(Path(cfg.cache.dir).expanduser().resolve(), cfg.cache.lock_timeout, group)

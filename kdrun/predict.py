@@ -3,6 +3,7 @@ evaluation and the evaluate stage so that both report the very same numbers."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -18,6 +19,7 @@ from kdrun.data.batching import MODEL_INPUTS, sorted_eval_batches
 from kdrun.data.tasks import TaskSpec
 from kdrun.metrics import Evaluation, compute_metrics
 from kdrun.models.inputs import forward_inputs
+from kdrun.precision import Precision
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +69,10 @@ def predict_logits(
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
     batch_size: int,
     description: str | None = None,
+    precision: Precision | None = None,
 ) -> np.ndarray:
-    """Logits for every row of ``features``, in row order (batches are length-sorted internally);
-    ``description`` shows progress."""
+    """Logits for every row of ``features``, in row order (batches are length-sorted internally), as fp32;
+    ``description`` shows progress; ``precision`` autocasts the forwards (None: the caller's context)."""
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -78,7 +81,8 @@ def predict_logits(
     with _rows_progress(description, len(features)) as advance:
         for indices in sorted_eval_batches(lengths, batch_size):
             batch = collate([features[i] for i in indices])
-            output = model(**model_inputs(batch, device, model))
+            with precision.autocast() if precision is not None else contextlib.nullcontext():
+                output = model(**model_inputs(batch, device, model))
             values = output.logits.float().cpu().numpy()
             for row, index in enumerate(indices):
                 logits[index] = values[row]
@@ -109,18 +113,21 @@ def score_dev_sets(
     dev_sets: Mapping[str, datasets.Dataset],
     collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
     batch_size: int,
+    precision: Precision | None = None,
 ) -> Evaluation:
     """Task metrics on each dev split (keys ``<metric>`` for one split, ``<split>/<metric>`` for MNLI's
     two), and, for a training loop choosing its best checkpoint, whether the model may be kept: a
     classifier that gives every example of a split the same class may not, however it scores."""
     predictions: dict[str, np.ndarray] = {}
     scores: dict[str, float] = {}
+    outputs: dict[str, np.ndarray] = {}
     for split, features in dev_sets.items():
-        predictions[split] = logits_to_predictions(task, predict_logits(model, features, collate, batch_size))
+        outputs[split] = predict_logits(model, features, collate, batch_size, precision=precision)
+        predictions[split] = logits_to_predictions(task, outputs[split])
         metrics = compute_metrics(task, predictions[split], np.asarray(features["label"]))
         prefix = f"{split}/" if len(dev_sets) > 1 else ""
         scores.update({f"{prefix}{name}": value for name, value in metrics.items()})
-    return Evaluation(scores, single_class_predictions(task, predictions))
+    return Evaluation(scores, single_class_predictions(task, predictions), outputs)
 
 
 def main_metric_key(task: TaskSpec) -> str:

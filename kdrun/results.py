@@ -40,8 +40,8 @@ def build_results(cfg: DictConfig, outputs: dict[str, StageOutput], overrides: l
         evaluation = outputs["evaluate"].summary
         record.update(metrics=evaluation["dev"], main_metric=evaluation["main_metric"], main_score=evaluation["main_score"], efficiency=evaluation["efficiency"])
         record["predicts_one_class"] = evaluation.get("predicts_one_class")
-        if "int8" in evaluation:
-            record["int8"] = evaluation["int8"]
+        record["precision"] = evaluation["efficiency"].get("precision")
+        record["deployment"] = evaluation.get("deployment", {})
     return record
 
 

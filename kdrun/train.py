@@ -2,7 +2,7 @@
 
 A stage describes *what* to train in a :class:`TrainingJob` (model, features, how
 to compute the loss, how to evaluate and save); this module owns *how*: device
-placement, mixed precision and DDP through accelerate, AdamW with linear warm-up
+placement and DDP through accelerate, mixed precision (autocast, fp32 master weights), AdamW with linear warm-up
 and decay, gradient accumulation and clipping, length-grouped batches, periodic
 dev evaluation keeping the best model, and full-state checkpoints.
 
@@ -40,6 +40,7 @@ from kdrun import tracking
 from kdrun.config import DeviceConfig, TrainConfig
 from kdrun.data.batching import EpochBatchSampler
 from kdrun.metrics import Evaluation
+from kdrun.precision import Precision, device_type_of, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,9 @@ class TrainOutcome:
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     examples_per_second: float = 0.0
+    tokens_per_second: float = 0.0  # non-padding tokens
     resumed_from_step: int = 0
+    precision: str = "fp32"
 
     def summary(self) -> dict[str, Any]:
         """What a stage reports about its training (for stage.json and results.json)."""
@@ -86,33 +89,30 @@ class TrainOutcome:
             "best_dev": self.best_metrics,
             "train_seconds": round(self.train_seconds, 2),
             "examples_per_second": round(self.examples_per_second, 2),
+            "tokens_per_second": round(self.tokens_per_second, 1),
+            "precision": self.precision,
             "history": self.history,
         }
 
 
-_ACCELERATORS: dict[tuple[str, str], Accelerator] = {}
-
-
-def resolve_mixed_precision(device: DeviceConfig, use_cpu: bool) -> str:
-    if device.mixed_precision != "auto":
-        return device.mixed_precision
-    if use_cpu or not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+_ACCELERATORS: dict[str, Accelerator] = {}
 
 
 def get_accelerator(device: DeviceConfig) -> Accelerator:
-    """One accelerator per process and device setting (accelerate keeps process-wide state)."""
+    """One accelerator per process and device (accelerate keeps process-wide state).
+
+    It never autocasts: precision is kdrun's (``kdrun/precision.py``), because
+    accelerate fixes one mixed-precision mode per process and a sweep in one
+    process may mix them.
+    """
     if device.type not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device.type must be auto, cpu or cuda, got '{device.type}'.")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was requested but no CUDA device is visible; use device=cpu or device=auto.")
-    use_cpu = device.type == "cpu" or not torch.cuda.is_available()
-    precision = resolve_mixed_precision(device, use_cpu)
-    key = ("cpu" if use_cpu else "cuda", precision)
-    if key not in _ACCELERATORS:
-        _ACCELERATORS[key] = Accelerator(cpu=use_cpu, mixed_precision=precision)
-    return _ACCELERATORS[key]
+    kind = device_type_of(device)
+    if kind not in _ACCELERATORS:
+        _ACCELERATORS[kind] = Accelerator(cpu=kind == "cpu", mixed_precision="no")
+    return _ACCELERATORS[kind]
 
 
 def _forget_earlier_trainings(accelerator: Accelerator) -> None:
@@ -224,9 +224,9 @@ class _TrainingLoop:
     all that a checkpoint adds to the model, optimizer, scheduler and RNG states.
     """
 
-    def __init__(self, job: TrainingJob, cfg: TrainConfig, device: DeviceConfig, work_dir: Path):
+    def __init__(self, job: TrainingJob, cfg: TrainConfig, device: DeviceConfig, work_dir: Path, precision: Precision | None = None):
         work_dir.mkdir(parents=True, exist_ok=True)
-        self.job, self.cfg = job, cfg
+        self.job, self.cfg, self.precision = job, cfg, precision or resolve_precision(device)
         self.accelerator = get_accelerator(device)
         _forget_earlier_trainings(self.accelerator)
         seed_everything(cfg.seed)
@@ -242,6 +242,10 @@ class _TrainingLoop:
             self.optimizer, round(cfg.warmup_ratio * self.total_steps), self.total_steps
         )
         self.accelerator.register_for_checkpointing(self.scheduler)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.precision.device_type) if self.precision.needs_grad_scaler else None
+        if self.scaler is not None:
+            self.accelerator.register_for_checkpointing(self.scaler)
         self.checkpoints = _Checkpoints(self.accelerator, work_dir)
         self.model_dir = work_dir / "model"
         self.eval_every = cfg.eval_every_steps  # None: only at the end of each epoch
@@ -259,7 +263,7 @@ class _TrainingLoop:
         # The position that matches the weights: micro-batches accumulated since the last update don't count.
         self.consistent_batches_done = self.state["batches_done"]
         self.updating = False
-        self.examples_seen, self.train_seconds = 0, 0.0
+        self.examples_seen, self.tokens_seen, self.train_seconds = 0, 0, 0.0
         self.window_loss, self.window_count = 0.0, 0
         self.window_terms: dict[str, float] = {}  # loss components, for distillation objectives
         self.progress = _progress_bar(self.accelerator.is_local_main_process)
@@ -292,7 +296,9 @@ class _TrainingLoop:
             history=self.state["history"],
             train_seconds=self.train_seconds,
             examples_per_second=self.examples_seen / self.train_seconds if self.train_seconds else 0.0,
+            tokens_per_second=self.tokens_seen / self.train_seconds if self.train_seconds else 0.0,
             resumed_from_step=self.resumed_from,
+            precision=self.precision.name,
         )
 
     def _epoch(self) -> None:
@@ -304,14 +310,19 @@ class _TrainingLoop:
         for batch_index, batch in enumerate(batches, start=skip):
             is_update = (batch_index + 1) % cfg.grad_accum_steps == 0 or batch_index + 1 == len(self.loader)
             with accelerator.no_sync(self.model) if not is_update else contextlib.nullcontext():
-                output = self.job.compute_loss(self.model, batch)
+                with self.precision.training_forward():  # forwards in low precision; loss terms cast to fp32 themselves
+                    output = self.job.compute_loss(self.model, batch)
                 loss, terms = output if isinstance(output, tuple) else (output, {})
-                accelerator.backward(loss / cfg.grad_accum_steps)
+                loss = loss.float()
+                scaled = loss / cfg.grad_accum_steps
+                accelerator.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
             self.window_loss += float(loss.detach())
             self.window_count += 1
             for name, value in terms.items():
                 self.window_terms[name] = self.window_terms.get(name, 0.0) + value
             self.examples_seen += int(batch["input_ids"].shape[0]) * accelerator.num_processes
+            if "attention_mask" in batch:
+                self.tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
             state["batches_done"] = batch_index + 1
             if not is_update:
                 continue
@@ -328,9 +339,15 @@ class _TrainingLoop:
 
     def _update(self) -> None:
         self.updating = True
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step when a gradient overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state["step"] += 1
@@ -367,7 +384,8 @@ class _TrainingLoop:
             return
         self.last_eval_step = state["step"]
         self.model.eval()
-        evaluation = job.evaluate(self.accelerator.unwrap_model(self.model))
+        with self.precision.autocast():  # dev scores in the precision the model is trained and kept in
+            evaluation = job.evaluate(self.precision.inference_model(self.accelerator.unwrap_model(self.model)))
         self.model.train()
         metrics, reason = evaluation.metrics, evaluation.not_selectable_because
         self.last_metrics = metrics
@@ -400,9 +418,14 @@ class _TrainingLoop:
         logger.warning("Interrupted at step %d: state saved; run the same command again to resume.", self.state["step"])
 
 
-def train(job: TrainingJob, cfg: TrainConfig, device: DeviceConfig, work_dir: Path) -> TrainOutcome:
-    """Train ``job.model`` in ``work_dir``, resuming from a checkpoint found there."""
-    return _TrainingLoop(job, cfg, device, work_dir).run()
+def train(
+    job: TrainingJob, cfg: TrainConfig, device: DeviceConfig, work_dir: Path, precision: Precision | None = None
+) -> TrainOutcome:
+    """Train ``job.model`` in ``work_dir``, resuming from a checkpoint found there.
+
+    ``precision``: what forwards run in (default: what ``device.precision`` resolves to here).
+    """
+    return _TrainingLoop(job, cfg, device, work_dir, precision).run()
 
 
 def _save_atomically(save_model: Callable[[torch.nn.Module, Path], None], model: torch.nn.Module, target: Path) -> None:

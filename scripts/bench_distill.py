@@ -1,4 +1,8 @@
-"""TinyBERT step-1 cost: kdrun's selective capture vs the naive full-output teacher, side by side.
+"""TinyBERT step-1 cost: bf16 vs fp32, or kdrun's selective capture vs the naive full-output teacher.
+
+``--precision both`` (default) times kdrun's distillation step (teacher forward,
+student forward and backward, AdamW) in fp32 and under bf16 autocast, and prints
+bf16's speed-up. ``--precision fp32|bf16`` compares, in that precision:
 
 kdrun asks the teacher only for what the losses read: the mapped layers' scores
 (eager attention there, fused SDPA elsewhere), their hidden states, no head. The
@@ -7,7 +11,7 @@ naive reference runs the teacher with eager attention and
 Both feed the same objective and student update. Interleaved repeats, one
 process; prints JSON.
 
-    python scripts/bench_distill.py --steps 20 --repeats 3
+    python scripts/bench_distill.py --steps 20 --repeats 3 [--precision both]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from kdrun.distill.tinybert import StudentWithProjections, objective_from_config
 from kdrun.models.capture import CapturedOutputs
 from kdrun.models.loading import load_for_sequence_classification
 from kdrun.models.students import student_for_task
+from kdrun.precision import Precision
 from kdrun.predict import model_inputs
 from kdrun.stages.task_data import collator
 from omegaconf import OmegaConf
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--precision", choices=["both", "fp32", "bf16"], default="both")
     args = parser.parse_args()
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
@@ -80,27 +86,33 @@ def main() -> None:
     distill = OmegaConf.create({"temperature": 1.0, "scale_by_t2": False, "attention_target": "scores", "mapping": {"kind": "uniform", "layers": None}})
     weights = {"embedding": 1.0, "attention": 1.0, "hidden": 1.0, "prediction": 0.0}
 
-    timings: dict[str, list[float]] = {"kdrun_selective_capture": [], "naive_full_outputs": []}
+    if args.precision == "both":
+        variants = {"fp32": ("kdrun", "fp32"), "bf16": ("kdrun", "bf16")}
+    else:
+        variants = {"kdrun_selective_capture": ("kdrun", args.precision), "naive_full_outputs": ("naive", args.precision)}
+    timings: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
-        for name in timings:
+        for name, (capture, precision_name) in variants.items():
+            precision = Precision(precision_name, "cpu")
             torch.manual_seed(0)
             student = student_for_task(student_cfg, teacher.config, task, None)
             objective, projections = objective_from_config(distill, weights, student.config, teacher.config)
             model = StudentWithProjections(student, projections)
             optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
-            if name == "kdrun_selective_capture":
+            if capture == "kdrun":
                 loss_fn = tinybert_loss(teacher, objective, task.is_regression)
             else:
                 loss_fn = naive_loss(naive_teacher, objective, task.is_regression)
             started = time.perf_counter()
             for batch in batches:
-                loss, _ = loss_fn(model, batch)
+                with precision.training_forward():  # as kdrun's training loop
+                    loss, _ = loss_fn(model, batch)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             timings[name].append((time.perf_counter() - started) / len(batches))
-    selective = statistics.median(timings["kdrun_selective_capture"])
-    naive = statistics.median(timings["naive_full_outputs"])
+    median = {name: statistics.median(values) for name, values in timings.items()}
+    first, second = list(variants)
     print(json.dumps({
         "benchmark": "tinybert_step1_seconds_per_step",
         "task": args.task,
@@ -108,9 +120,12 @@ def main() -> None:
         "student": "tinybert4",
         "steps": len(batches),
         "batch_size": args.batch_size,
-        "seconds_per_step": {"kdrun_selective_capture": round(selective, 4), "naive_full_outputs": round(naive, 4)},
+        "threads": torch.get_num_threads(),
+        "seconds_per_step": {name: round(value, 4) for name, value in median.items()},
         "runs": {k: [round(v, 4) for v in vs] for k, vs in timings.items()},
-        "speedup": round(naive / selective, 3),
+        # seconds of the slower variant over the faster one's: bf16 vs fp32, or selective capture vs naive
+        **({"speedup_bf16_vs_fp32": round(median["fp32"] / median["bf16"], 3)} if args.precision == "both"
+           else {"speedup_selective_vs_naive": round(median[second] / median[first], 3)}),
     }, indent=2))
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from kdrun.precision import cpu_native_bf16
+
 TINY_RUN = (
     "scale=smoke",
     "device=cpu",
@@ -50,6 +52,7 @@ def test_tiny_bert_pair_task_end_to_end_then_cache_hit_then_force(run_kdrun, tin
     # fp32 safetensors: 4 bytes a parameter plus a small JSON header.
     assert 4 * 999_138 < efficiency["size_on_disk_bytes"] < 4 * 999_138 + 16_384
     assert efficiency["latency_ms_bs1"] > 0 and efficiency["latency_ms_bs32"] > 0
+    _check_deployment(results, dev_size)
     assert results["stages"]["finetune_teacher"]["cache"] == "computed"
     assert results["stages"]["finetune_teacher"]["summary"]["steps"] == 4
     assert "finetune_teacher" in first.stdout + first.stderr
@@ -64,6 +67,27 @@ def test_tiny_bert_pair_task_end_to_end_then_cache_hit_then_force(run_kdrun, tin
     run_kdrun(*overrides, "cache.force=[finetune_teacher]", cwd=tmp_path / "c")
     assert _results(tmp_path / "c")["stages"]["finetune_teacher"]["cache"] == "computed"
     assert len(_cache_entries(tmp_path / "cache", "finetune_teacher")) == 1
+
+
+def _check_deployment(results: dict, dev_size: int) -> None:
+    """fp32, bf16 and int8 side by side; the run's own precision is the one its main score comes from."""
+    native, feature = cpu_native_bf16()
+    deployment = results["deployment"]
+    assert list(deployment) == ["fp32", "bf16", "int8"]
+    assert results["precision"] == results["efficiency"]["precision"] == ("bf16" if native else "fp32")
+    assert results["main_score"] == deployment[results["precision"]]["main_score"]
+    assert results["efficiency"]["latency_ms_bs1"] == deployment[results["precision"]]["latency_ms_bs1"]
+    fp32 = deployment["fp32"]
+    assert set(fp32["dev"]) == {"f1", "accuracy"} and "agreement_with_fp32" not in fp32
+    formats = ["int8", "bf16"] if native else ["int8"]
+    for name in formats:
+        row = deployment[name]
+        agreeing = row["agreement_with_fp32"] * dev_size
+        assert 0 <= agreeing <= dev_size and abs(agreeing - round(agreeing)) < 1e-9  # a share of the 408 pairs
+        assert row["max_abs_diff_vs_fp32"] >= 0
+        assert row["speedup_vs_fp32_bs1"] == round(fp32["latency_ms_bs1"] / row["latency_ms_bs1"], 3)
+    if not native:
+        assert deployment["bf16"] == {"skipped": f"this CPU has {feature}: bf16 would be emulated, slower than fp32"}
 
 
 def test_regression_task_and_test_predictions(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> None:

@@ -29,6 +29,7 @@ check that both give the same candidates, hence the same copies.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,6 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from kdrun.data.glove import NeighbourTable, nearest_words_reference
 from kdrun.augment.seeding import example_rng
 from kdrun.models.masked_lm import masked_lm_head
+from kdrun.precision import Precision
 
 RECIPE = "tinybert"  # names the random stream (see kdrun.augment.seeding)
 
@@ -111,6 +113,7 @@ class TinyBertAugmenter:
         neighbours: NeighbourTable,
         settings: TinyBertSettings,
         batch_tokens: int = 8192,
+        precision: Precision | None = None,
     ):
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None or type(backend.model).__name__ != "WordPiece" or tokenizer.mask_token_id is None:
@@ -126,6 +129,7 @@ class TinyBertAugmenter:
         self.neighbours = neighbours
         self.settings = settings
         self.batch_tokens = batch_tokens
+        self.precision = precision  # autocast of the batched masked-LM forwards (None: fp32)
         self.max_length = int(getattr(model.config, "max_position_embeddings", 512))
         vocabulary = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         special = set(tokenizer.all_special_ids)
@@ -204,9 +208,11 @@ class TinyBertAugmenter:
                 batch = rows[start : start + step]
                 ids = torch.tensor([row[2] for row in batch], device=device)
                 types = torch.tensor([row[3] for row in batch], device=device)
-                hidden = self.model.base_model(input_ids=ids, token_type_ids=types).last_hidden_state
-                at_mask = hidden[torch.arange(len(batch), device=device), torch.tensor([row[4] for row in batch], device=device)]
-                for (number, word_index, *_), words in zip(batch, self._top_words(self.head(at_mask)), strict=True):
+                with self.precision.autocast() if self.precision is not None else contextlib.nullcontext():
+                    hidden = self.model.base_model(input_ids=ids, token_type_ids=types).last_hidden_state
+                    at_mask = hidden[torch.arange(len(batch), device=device), torch.tensor([row[4] for row in batch], device=device)]
+                    logits = self.head(at_mask).float()
+                for (number, word_index, *_), words in zip(batch, self._top_words(logits), strict=True):
                     results[number].candidates[word_index] = words
         glove_words = {plan.words[i] for plan in plans for i in plan.by_glove}
         neighbours = self.neighbours.lookup(glove_words) if glove_words else {}

@@ -15,16 +15,15 @@ the student's encoder.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdrun.models.masked_lm import masked_lm_logits
+from kdrun.precision import default_attention_kernels
 
 CE_POSITIONS = ("all", "masked")
 
@@ -87,7 +86,6 @@ class MaskedLmStudent(nn.Module):
 def triple_loss(
     teacher: nn.Module,
     settings: TripleLossSettings,
-    autocast: Callable[[], Any] | None = None,
 ) -> Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]:
     """``compute_loss`` for a :class:`MaskedLmStudent` on MLM-corrupted batches (``labels`` -100 where not masked).
 
@@ -102,7 +100,7 @@ def triple_loss(
         ce_rows = real if settings.ce_positions == "all" else masked
         teacher_hidden = teacher_logits = None
         if settings.ce > 0 or settings.cos > 0:
-            with torch.inference_mode(), (autocast() if autocast else contextlib.nullcontext()):
+            with torch.inference_mode(), default_attention_kernels():  # autocast: the training loop's
                 hidden = teacher.base_model(**inputs).last_hidden_state
                 logits = masked_lm_logits(teacher, hidden[ce_rows]) if settings.ce > 0 else None
             teacher_hidden = hidden.clone()  # tensors made in inference mode cannot enter autograd

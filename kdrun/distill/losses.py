@@ -9,6 +9,11 @@ without a padding mask, and layer losses are summed over the mapped layers.
 Teacher tensors may come from ``torch.inference_mode()``; autograd refuses to
 save such tensors for backward, so the functions here turn them into normal
 tensors first (a copy, only when needed).
+
+Every term is computed in fp32 whatever precision the models ran in: under bf16
+autocast, attention scores of magnitude ~1e2 carry 8 significant bits, and a
+difference, square and mean taken in bf16 would lose what little of the gap
+between student and teacher is left. Inputs are cast before subtracting.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ MASKED_SCORE_THRESHOLD = -1e2
 
 
 def _usable(tensor: Tensor) -> Tensor:
-    """A tensor autograd may save for backward (inference-mode tensors may not be saved)."""
+    """A tensor autograd may save for backward (inference-mode tensors may not be saved), in fp32."""
+    if tensor.dtype != torch.float32:
+        return tensor.float()  # a new tensor, so also fine for autograd
     return tensor.clone() if tensor.is_inference() else tensor
 
 
@@ -68,7 +75,7 @@ def attention_mse(
         raise ValueError(
             f"attention maps differ in shape: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}"
         )
-    teacher = _usable(teacher)
+    student, teacher = student.float(), _usable(teacher)
     drop: Tensor | None = None
     if key_padding_mask is not None:
         if key_padding_mask.shape != (student.shape[0], student.shape[-1]):
@@ -108,7 +115,7 @@ def hidden_mse(student_hidden: Tensor, teacher_hidden: Tensor, projection: nn.Mo
             f"student hidden states {tuple(projected.shape)} (after projection) do not match the teacher's "
             f"{tuple(teacher_hidden.shape)}.{hint}"
         )
-    return F.mse_loss(projected, _usable(teacher_hidden).to(projected.dtype))
+    return F.mse_loss(projected.float(), _usable(teacher_hidden))
 
 
 def embedding_mse(student_embeddings: Tensor, teacher_embeddings: Tensor, projection: nn.Module | None) -> Tensor:
@@ -134,8 +141,8 @@ def soft_cross_entropy(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "differ; both models need the same number of labels"
         )
-    teacher_probs = F.softmax(_usable(teacher_logits).to(student_logits.dtype) / temperature, dim=-1)
-    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_probs = F.softmax(_usable(teacher_logits) / temperature, dim=-1)
+    student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     loss = -(teacher_probs * student_log_probs).sum(dim=-1).mean()
     return loss * temperature**2 if scale_by_t2 else loss
 
@@ -146,8 +153,8 @@ def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
         )
-    teacher = _usable(teacher_logits).to(student_logits.dtype).reshape(student_logits.shape)
-    return F.mse_loss(student_logits, teacher)
+    teacher = _usable(teacher_logits).reshape(student_logits.shape)
+    return F.mse_loss(student_logits.float(), teacher)
 
 
 class WidthProjections(nn.Module):

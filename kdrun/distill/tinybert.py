@@ -6,7 +6,6 @@ three differ only in their data, weights and teacher.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from kdrun.distill.losses import ObjectiveConfig, TinyBertObjective, WidthProjec
 from kdrun.distill.mapping import LayerMapping
 from kdrun.models.inputs import forward_inputs
 from kdrun.models.capture import forward_with_capture
+from kdrun.precision import Precision, default_attention_kernels
 from kdrun.predict import model_inputs, predict_logits
 
 logger = logging.getLogger(__name__)
@@ -91,12 +91,11 @@ def tinybert_loss(
     teacher: nn.Module,
     objective: TinyBertObjective,
     is_regression: bool,
-    autocast: Callable[[], Any] | None = None,
 ) -> Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]:
     """``compute_loss`` for the training loop.
 
-    The teacher runs under inference mode and is asked only for what the active
-    terms read (mapped layers' scores, hidden states, logits). The prediction-layer
+    The teacher runs under inference mode (and, like the student, under the
+    training loop's autocast) and is asked only for what the active terms read (mapped layers' scores, hidden states, logits). The prediction-layer
     step, which reads only logits, uses :mod:`kdrun.distill.prediction` and cached
     teacher logits instead.
     """
@@ -105,7 +104,7 @@ def tinybert_loss(
 
     def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         inputs = model_inputs(batch)
-        with torch.inference_mode(), (autocast() if autocast else contextlib.nullcontext()):
+        with torch.inference_mode(), default_attention_kernels():
             teacher_out = forward_with_capture(teacher, inputs, **teacher_request)
         student_out = model(inputs, student_request)
         return objective(student_out, teacher_out, batch["attention_mask"], is_regression)
@@ -140,10 +139,13 @@ class TeacherLogits:
         return cls(tensors["ids"], tensors["logits"])
 
     @classmethod
-    def cached(cls, model: nn.Module, features: Any, collate: Any, batch_size: int, path: Path) -> TeacherLogits:
-        """``model``'s logits on ``features`` (which need an ``id`` column), computed once and kept at
-        ``path``, so that a resumed run, or another run over the same rows, does not recompute them.
-        A lock lets one of several parallel runs compute them while the others wait."""
+    def cached(
+        cls, model: nn.Module, features: Any, collate: Any, batch_size: int, path: Path, precision: Precision | None = None
+    ) -> TeacherLogits:
+        """``model``'s logits on ``features`` (which need an ``id`` column), computed once (in ``precision``,
+        which ``path`` must name) and kept at ``path``, so that a resumed run, or another run over the
+        same rows, does not recompute them. A lock lets one of several parallel runs compute them while
+        the others wait."""
         if path.is_file():
             logger.info("teacher logits: reusing %s.", path)
             return cls.load(path)
@@ -152,7 +154,8 @@ class TeacherLogits:
             if path.is_file():
                 logger.info("teacher logits: reusing %s (computed by a parallel run).", path)
                 return cls.load(path)
-            logits = predict_logits(model, features, collate, batch_size, description="teacher logits")
+            runnable = precision.inference_model(model) if precision is not None else model
+            logits = predict_logits(runnable, features, collate, batch_size, description="teacher logits", precision=precision)
             table = cls(torch.tensor(features["id"]), torch.from_numpy(logits))
             partial = path.with_name(path.name + ".partial")
             table.save(partial)

@@ -2,7 +2,7 @@
 
 torchao is the successor of ``torch.ao.quantization``, but its int8 path runs fast
 on the CPU only under ``torch.compile``; in eager mode (torchao 0.18) it measured
-~19x slower than fp32 on a 384x1536 MLP here (scripts/bench_int8.py). The
+~19x slower than fp32 on a 384x1536 MLP here (scripts/bench_inference.py --torchao). The
 deprecated-but-present ``torch.ao.quantization.quantize_dynamic`` uses fbgemm/x86
 int8 GEMMs and is faster than fp32 eagerly, so it is what kdrun exports to.
 """

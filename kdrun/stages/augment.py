@@ -31,6 +31,7 @@ from kdrun.models.loading import load_checked_config
 from kdrun.models.masked_lm import load_masked_lm
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
 from kdrun.stages import task_data
+from kdrun.precision import resolve_precision
 from kdrun.train import get_accelerator
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def _tinybert(cfg: DictConfig, inputs: dict[str, StageOutput], examples: list[Ex
     model.to(get_accelerator(cfg.device).device)
     table_name = hashlib.sha256(cfg.augment.glove.encode()).hexdigest()[:12] + f"-k{settings.top_k}.json"
     neighbours = NeighbourTable(Path(cfg.cache.dir) / "glove_neighbours" / table_name, cfg.augment.glove, settings.top_k)
-    augmenter = TinyBertAugmenter(model, tokenizer, neighbours, settings)
+    precision = resolve_precision(cfg.device)
+    augmenter = TinyBertAugmenter(precision.inference_model(model), tokenizer, neighbours, settings, precision=precision)
     logger.info("augment: TinyBERT recipe, masked LM %s, N=%d copies per sentence.", reference, settings.n_copies)
     pairs = any(text_b is not None for _, _, text_b in examples)
     return (lambda part: augmenter.augment(part, cfg.augment.seed)), settings.n_copies * (2 if pairs else 1)
@@ -182,5 +184,6 @@ STAGE = register(
         reads=("task", "data.max_train_examples", "data.sample_seed", "augment"),
         uses=("fit_mlm_head",),
         wants=lambda cfg, name: cfg.augment.name == "tinybert" and cfg.augment.mlm_model is None,
+        uses_precision=lambda cfg: cfg.augment.name == "tinybert",  # its masked LM runs in the run's precision
     )
 )

@@ -79,7 +79,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         model=StudentWithProjections(student, projections),
         train_features=corpus,
         collate=PaddingCollator(tokenizer),
-        compute_loss=tinybert_loss(teacher, objective, is_regression=False, autocast=accelerator.autocast),
+        compute_loss=tinybert_loss(teacher, objective, is_regression=False),
         save_model=save_model,
         description="general_distill",
     )
@@ -89,6 +89,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         "corpus_sequences": len(corpus),
         "corpus_tokens": int(sum(corpus["length"])),
         "parameters": sum(p.numel() for p in student.parameters()),
+        "sequences_per_second": round(outcome.examples_per_second, 2),
         **outcome.summary(),
     }
 
@@ -122,7 +123,7 @@ def run_distilbert(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Pat
         model=MaskedLmStudent(student),
         train_features=corpus,
         collate=MaskingCollator(tokenizer, settings.mlm_probability, settings.train.seed),
-        compute_loss=triple_loss(teacher, _triple_loss_settings(cfg), autocast=accelerator.autocast),
+        compute_loss=triple_loss(teacher, _triple_loss_settings(cfg)),
         save_model=save_model,
         description="general_distill (DistilBERT)",
     )
@@ -135,6 +136,7 @@ def run_distilbert(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Pat
         "corpus_sequences": len(corpus),
         "corpus_tokens": int(sum(corpus["length"])),
         "parameters": sum(p.numel() for p in student.parameters()),
+        "sequences_per_second": round(outcome.examples_per_second, 2),
         **outcome.summary(),
     }
 

@@ -8,6 +8,12 @@ training loop (on the labels, or distilling the full-precision model's logits),
 and writes ``model/`` (latent weights + ``quantization.json``) and ``bits.json``.
 ``quantize=none`` passes the model through, so the fp32 row of a sweep is one
 more value of the same group.
+
+Quantization-aware fine-tuning runs in fp32 whatever ``device.precision`` says:
+under bf16 autocast a weight on an 8-bit grid, q * scale, is rounded again to
+bf16's 8 significant bits before the matrix product, which moves it by up to a
+quarter of a grid step, so the model would train on other weights than the grid
+it is learning. The stage's output therefore does not depend on the precision.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
 from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits
 from kdrun.metrics import Evaluation
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
+from kdrun.precision import Precision, device_type_of
 from kdrun.report.plots import plot_sensitivities
 from kdrun.predict import main_metric_key, score_dev_sets
 from kdrun.quant.allocation import mixed_precision_bits, uniform_bits
@@ -128,6 +135,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
             settings.train,
             cfg.device,
             out_dir / "qat",
+            Precision("fp32", device_type_of(cfg.device), "quantization-aware training keeps the grids exact"),
         )
         outcome.model_dir.rename(out_dir / "model")
         summary.update(train_examples=len(train_set), **outcome.summary())
@@ -161,5 +169,6 @@ STAGE = register(
         wants=wants,
         consumes_model=True,
         produces_model=True,
+        uses_precision=False,  # fp32 always (see the module docstring)
     )
 )

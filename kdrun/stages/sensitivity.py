@@ -79,5 +79,6 @@ STAGE = register(
         run=run,
         reads=("task", "data.max_seq_length", "data.max_train_examples", "data.sample_seed", "quantize.hessian"),
         consumes_model=True,
+        uses_precision=False,  # Hessian power iteration stays fp32
     )
 )

@@ -28,6 +28,7 @@ from kdrun.models.loading import load_for_sequence_classification, load_model_co
 from kdrun.models.students import bilstm_student_for_task, distil_student_for_task, student_bert_config, student_for_task
 from kdrun.metrics import Evaluation
 from kdrun.pipeline import PipelineError, Stage, StageOutput, cache_root_of, config_slice, register, stage_key
+from kdrun.precision import resolve_precision
 from kdrun.predict import main_metric_key, score_dev_sets
 from kdrun.stages import task_data
 from kdrun.stages.augment import load_augmented
@@ -140,7 +141,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
                 model=wrapper,
                 train_features=train_set,
                 collate=collate,
-                compute_loss=tinybert_loss(teacher, objective, task.is_regression, autocast=accelerator.autocast),
+                compute_loss=tinybert_loss(teacher, objective, task.is_regression),
                 save_model=save_student,
                 keep_best=False,
                 description=f"task_distill step 1 {task.name}",
@@ -159,7 +160,10 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
             teacher_set = train_set if tokenizer is teacher_tokenizer else task_data.tokenized({"train": train_examples}, teacher_tokenizer, cfg)["train"]
             teacher_collate = collate if tokenizer is teacher_tokenizer else task_data.collator(teacher_tokenizer, task)
             logits_path = _teacher_logits_path(cfg, inputs)
-            logits = TeacherLogits.cached(teacher, teacher_set, teacher_collate, cfg.task_distill.prediction.train.eval_batch_size, logits_path)
+            logits = TeacherLogits.cached(
+                teacher, teacher_set, teacher_collate, cfg.task_distill.prediction.train.eval_batch_size, logits_path,
+                resolve_precision(cfg.device),
+            )
             summary["teacher_logits"] = str(logits_path)
         seed_everything(cfg.task_distill.prediction.train.seed)
         outcome = _train_once(
@@ -191,6 +195,7 @@ def _teacher_logits_path(cfg: DictConfig, inputs: dict[str, StageOutput]) -> Pat
     student, since recomputing them (minutes over an augmented set) for every row of an ablation
     sweep would dominate it."""
     rows = config_slice(cfg, ("task", "data.max_seq_length", "data.max_train_examples", "data.sample_seed"))
+    rows["device.precision"] = resolve_precision(cfg.device).name  # bf16 logits are another artefact than fp32 ones
     sources = {name: inputs[name].key for name in ("finetune_teacher", "augment") if name in inputs}
     key = stage_key("teacher_logits", "1", rows, sources)
     return cache_root_of(inputs["finetune_teacher"]) / "teacher_logits" / f"{key}.safetensors"
