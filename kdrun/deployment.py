@@ -8,12 +8,12 @@ process on the same inputs so that the ratios mean something on a shared machine
 - ``fp32``, ``bf16``: the model on its device; bf16 with its weights stored in bf16,
   under autocast (only where the device runs bf16 natively; elsewhere it is
   emulated, slower than fp32, and skipped).
-- ``int8``: dynamic int8 linear layers (``kdrun.quant.int8``) on the CPU.
+- ``int8``: dynamic int8 linear layers (``kdrun.quant.int8``), CPU kernels, so
+  measured only when the model runs on the CPU (``device=cpu``).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -112,8 +112,8 @@ def measure_latency(
 
 def unsupported_reason(name: str, device_type: str) -> str | None:
     """Why ``name`` cannot be measured meaningfully here, or None."""
-    if name not in FORMATS:
-        return f"unknown format (known: {', '.join(FORMATS)})"
+    if name == "int8" and device_type != "cpu":
+        return "torch.ao's int8 kernels run on the CPU; evaluate with device=cpu to compare them with fp32"
     if name == "bf16" and device_type == "cpu":
         native, feature = cpu_native_bf16()
         if not native:
@@ -143,13 +143,12 @@ def format_rows(
     wanted = [name for name in FORMATS if name in formats or (name == "fp32" and formats)]
     rows: dict[str, FormatRow] = {}
     for name in wanted:
-        reason = None if name == required and name in FORMATS else unsupported_reason(name, device_type)
+        reason = None if name == required else unsupported_reason(name, device_type)
         if reason:
             rows[name] = FormatRow(name, skipped=reason)
             continue
-        if name == "int8":  # export_int8 works on a copy; CPU kernels, so a CUDA model is copied to the CPU first
-            runnable = export_int8(model if device_type == "cpu" else copy.deepcopy(model).cpu())
-            precision = Precision("fp32", "cpu")
+        if name == "int8":
+            runnable, precision = export_int8(model), Precision("fp32", "cpu")  # a copy
         else:
             precision = Precision(name, device_type)
             runnable = precision.inference_model(model)

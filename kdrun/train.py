@@ -33,6 +33,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import get_linear_schedule_with_warmup
 
@@ -214,6 +215,7 @@ def _progress_bar(enabled: bool) -> Progress:
         TimeRemainingColumn(),
         disable=not enabled,
         transient=False,
+        console=Console(stderr=True),  # stdout stays for what a program prints (e.g. a benchmark's JSON)
     )
 
 

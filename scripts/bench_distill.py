@@ -1,8 +1,8 @@
 """TinyBERT step-1 cost: bf16 vs fp32, or kdrun's selective capture vs the naive full-output teacher.
 
 ``--precision both`` (default) times kdrun's distillation step (teacher forward,
-student forward and backward, AdamW) in fp32 and under bf16 autocast, and prints
-bf16's speed-up. ``--precision fp32|bf16`` compares, in that precision:
+student forward and backward, AdamW) in fp32 and in bf16 (autocast, the frozen
+teacher's weights stored in bf16, as in kdrun's stages), and prints bf16's speed-up. ``--precision fp32|bf16`` compares, in that precision:
 
 kdrun asks the teacher only for what the losses read: the mapped layers' scores
 (eager attention there, fused SDPA elsewhere), their hidden states, no head. The
@@ -99,8 +99,8 @@ def main() -> None:
             objective, projections = objective_from_config(distill, weights, student.config, teacher.config)
             model = StudentWithProjections(student, projections)
             optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
-            if capture == "kdrun":
-                loss_fn = tinybert_loss(teacher, objective, task.is_regression)
+            if capture == "kdrun":  # the frozen teacher as kdrun runs it: weights in the step's precision
+                loss_fn = tinybert_loss(precision.inference_model(teacher), objective, task.is_regression)
             else:
                 loss_fn = naive_loss(naive_teacher, objective, task.is_regression)
             started = time.perf_counter()

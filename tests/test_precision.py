@@ -16,7 +16,7 @@ from kdrun import precision as precision_module
 from kdrun.config import DeviceConfig, TrainConfig, register_configs
 from kdrun.distill.losses import attention_mse, hidden_mse, logit_mse, soft_cross_entropy
 from kdrun.pipeline import PipelineError, plan
-from kdrun.precision import PrecisionError, cpu_native_bf16, resolve_precision
+from kdrun.precision import Precision, PrecisionError, cpu_native_bf16, resolve_precision
 from kdrun.train import TrainingJob, train
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -166,3 +166,31 @@ def test_agreement_counts_equal_classes_and_the_largest_output_change() -> None:
     scores = Evaluation({}, None, {"dev": np.array([[1.0], [2.0]])})
     moved = Evaluation({}, None, {"dev": np.array([[1.25], [2.0]])})
     assert agreement(get_task("stsb"), moved, scores) == {"max_abs_diff_vs_fp32": 0.25}
+
+
+def test_inference_models_store_their_weights_in_the_low_precision() -> None:
+    model = torch.nn.Linear(4, 2)
+    assert Precision("fp32", "cpu").inference_model(model) is model
+    bf16 = Precision("bf16", "cpu")
+    copied = bf16.inference_model(model)
+    assert copied is not model and copied.weight.dtype == torch.bfloat16 and model.weight.dtype == torch.float32
+    assert torch.equal(copied.weight, model.weight.to(torch.bfloat16))
+    assert bf16.inference_model(copied) is copied  # already bf16: nothing to copy
+    frozen = bf16.inference_model(model, copy=False)
+    assert frozen is model and model.weight.dtype == torch.bfloat16
+
+
+def test_a_precision_sweep_becomes_a_table_with_bf16_speed_ups() -> None:
+    from kdrun.report import build_table
+
+    def record(precision: str, score: float, speedup: float) -> dict:
+        return {
+            "experiment": "teacher_sst2", "recipe": "teacher", "task": "sst2", "ablation": "none", "precision": precision,
+            "main_score": score, "overrides": [f"device.precision={precision}"], "report": {"rows": "ablation", "columns": "task"},
+            "deployment": {"fp32": {"main_score": 0.891}, "bf16": {"main_score": 0.893, "speedup_vs_fp32_bs32": speedup}},
+        }
+
+    table = build_table([record("fp32", 0.8911, 3.85), record("bf16", 0.8933, 3.83)], {"rows": "precision"})
+    assert table.rows == ["fp32", "bf16"]
+    assert table.cells[("fp32", "sst2")].values == [pytest.approx(89.11)] and table.cells[("bf16", "sst2")].values == [pytest.approx(89.33)]
+    assert table.extras["bf16 speed-up bs32"] == {"fp32": 3.85, "bf16": 3.83}

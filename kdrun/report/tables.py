@@ -199,10 +199,10 @@ def print_table(table: SweepTable, console: Console | None = None) -> None:
         rich_table.add_column(name, justify="left" if index == 0 else "right")
     for line in table.body():
         rich_table.add_row(*line)
-    (console or _wide_console()).print(rich_table)
+    (console or wide_console()).print(rich_table)
 
 
-def _wide_console() -> Console:
+def wide_console() -> Console:
     """A terminal's own width; in a log file (rich assumes 80 columns) room for the whole table, whose
     row names and column headers would otherwise be cut to a few letters."""
     console = Console()

@@ -112,7 +112,7 @@ def _tinybert(cfg: DictConfig, inputs: dict[str, StageOutput], examples: list[Ex
     table_name = hashlib.sha256(cfg.augment.glove.encode()).hexdigest()[:12] + f"-k{settings.top_k}.json"
     neighbours = NeighbourTable(Path(cfg.cache.dir) / "glove_neighbours" / table_name, cfg.augment.glove, settings.top_k)
     precision = resolve_precision(cfg.device)
-    augmenter = TinyBertAugmenter(precision.inference_model(model), tokenizer, neighbours, settings, precision=precision)
+    augmenter = TinyBertAugmenter(precision.inference_model(model, copy=False), tokenizer, neighbours, settings, precision=precision)
     logger.info("augment: TinyBERT recipe, masked LM %s, N=%d copies per sentence.", reference, settings.n_copies)
     pairs = any(text_b is not None for _, _, text_b in examples)
     return (lambda part: augmenter.augment(part, cfg.augment.seed)), settings.n_copies * (2 if pairs else 1)

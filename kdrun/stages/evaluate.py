@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
-from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -26,6 +25,7 @@ from kdrun.models.loading import count_parameters
 from kdrun.models.measure import size_on_disk
 from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, materialize
 from kdrun.quant.size import packed_size
+from kdrun.report.tables import wide_console
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
 from kdrun.precision import Precision, resolve_precision
 from kdrun.predict import logits_to_predictions, main_metric_key, predict_logits, score_dev_sets
@@ -120,7 +120,7 @@ def print_summary(task_name: str, model_from: str, summary: dict[str, Any]) -> N
             table.add_row(label, f"{item:,}" if isinstance(item, int) else str(item))
     for path in summary["submissions"]:
         table.add_row("submission", path)
-    console = Console()
+    console = wide_console()
     console.print(table)
     console.print(deployment_table(summary["deployment"], summary["main_metric"], f"{task_name}: {model_from} model, deployment formats"))
 

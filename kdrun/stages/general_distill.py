@@ -33,6 +33,7 @@ from kdrun.models.distil_student import distil_from_teacher, teacher_layers_to_k
 from kdrun.models.masked_lm import load_masked_lm
 from kdrun.models.students import new_general_student, student_bert_config
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
+from kdrun.precision import resolve_precision
 from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
 
 
@@ -65,6 +66,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     seed_everything(settings.train.seed)
     tokenizer = load_tokenizer(cfg.teacher.path, cfg.teacher.revision)
     teacher = AutoModel.from_pretrained(resolve_model_path(cfg.teacher.path), revision=cfg.teacher.revision)
+    teacher = _frozen(teacher, cfg)
     teacher.to(accelerator.device).eval().requires_grad_(False)
     student = new_general_student(cfg.student, teacher.config)
     objective, projections = objective_from_config(cfg.distill, settings.weights, student.config, teacher.config)
@@ -94,6 +96,11 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     }
 
 
+def _frozen(teacher: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
+    """The teacher as it runs frozen in the run's precision (weights in bf16 when that is the precision)."""
+    return resolve_precision(cfg.device).inference_model(teacher, copy=False)
+
+
 def _triple_loss_settings(cfg: DictConfig) -> TripleLossSettings:
     d = cfg.distill
     try:
@@ -110,7 +117,8 @@ def run_distilbert(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Pat
     teacher_reference = str(fitted.path / fitted.summary["model_dir"]) if fitted is not None else cfg.teacher.path
     teacher, tokenizer = load_masked_lm(teacher_reference, None if fitted is not None else cfg.teacher.revision)
     teacher.to(accelerator.device).eval().requires_grad_(False)
-    student = distil_from_teacher(teacher, cfg.student.layers)
+    student = distil_from_teacher(teacher, cfg.student.layers)  # from the fp32 weights
+    teacher = _frozen(teacher, cfg)
     if cfg.student.init == "random":  # Table 4's "random initialisation" row
         student = DistilBertForMaskedLM(student.config)
     corpus = corpus_dataset(cfg.data.corpus, tokenizer, settings.max_seq_length, settings.max_sequences, out_dir / "corpus")

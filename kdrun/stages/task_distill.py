@@ -110,6 +110,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     teacher = None
     if "finetune_teacher" in inputs:
         teacher, teacher_tokenizer = load_for_sequence_classification(str(inputs["finetune_teacher"].path / "model"), task)
+        teacher = resolve_precision(cfg.device).inference_model(teacher, copy=False)  # frozen: weights in the run's precision
         teacher.to(accelerator.device).eval().requires_grad_(False)
         teacher_config = teacher.config
     else:
