@@ -112,9 +112,6 @@ def default_attention_kernels() -> contextlib.AbstractContextManager[Any]:
     return sdpa_kernel([getattr(SDPBackend, name) for name in names if hasattr(SDPBackend, name)])
 
 
-FP32_CPU = Precision("fp32", "cpu", "fp32 requested")
-
-
 @functools.lru_cache(maxsize=1)
 def cpu_native_bf16() -> tuple[bool, str]:
     """(whether this CPU multiplies bf16 natively, which feature says so). Asks torch, then /proc/cpuinfo."""

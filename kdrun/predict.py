@@ -13,6 +13,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from kdrun.data.batching import MODEL_INPUTS, sorted_eval_batches
@@ -47,7 +48,8 @@ def _rows_progress(description: str | None, total: int) -> Iterator[Callable[[in
         return
     start, done, next_log = time.perf_counter(), 0, max(total // 10, 1)
     with Progress(
-        TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+        TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True),
     ) as bar:
         task = bar.add_task(description, total=total)
 

@@ -2,9 +2,10 @@
 
 A stage describes *what* to train in a :class:`TrainingJob` (model, features, how
 to compute the loss, how to evaluate and save); this module owns *how*: device
-placement and DDP through accelerate, mixed precision (autocast, fp32 master weights), AdamW with linear warm-up
-and decay, gradient accumulation and clipping, length-grouped batches, periodic
-dev evaluation keeping the best model, and full-state checkpoints.
+placement and DDP through accelerate, mixed precision (autocast over fp32 master
+weights, ``kdrun/precision.py``), AdamW with linear warm-up and decay, gradient
+accumulation and clipping, length-grouped batches, periodic dev evaluation keeping
+the best model, and full-state checkpoints.
 
 Resumption: every ``checkpoint_every_steps`` optimizer steps the full state
 (model, optimizer, scheduler, every RNG, epoch and batch position, step, best
