@@ -60,6 +60,11 @@ def summarise_runs(teacher: dict[str, Path], general: dict[str, Path], wall_time
     return runs
 
 
+def _table_head(columns: list[str], left: int = 1) -> list[str]:
+    """A markdown table's header and alignment rows: the first ``left`` columns left-aligned, numbers right."""
+    return ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if i < left else "---:" for i in range(len(columns))) + "|"]
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×" if a and b else "–"
 
@@ -74,8 +79,7 @@ def render(runs: dict[str, Any], bench: dict[str, dict[str, Any]]) -> str:
         "",
         "## Speed-ups, bf16 over fp32",
         "",
-        "| what | command | fp32 | bf16 | bf16 / fp32 |",
-        "|---|---|---:|---:|---:|",
+        *_table_head(["what", "command", "fp32", "bf16", "bf16 / fp32"], left=2),
     ]
     train = bench.get("bench_train_sst2")
     if train:
@@ -99,7 +103,7 @@ def render(runs: dict[str, Any], bench: dict[str, dict[str, Any]]) -> str:
             )
     lines += ["", "int8 (torch.ao dynamic linears) on the same inputs, from the same benchmark:", ""]
     if inference:
-        lines += ["| batch | fp32 ms | bf16 ms | int8 ms | int8 / fp32 | predictions equal to fp32 (bf16, int8) | largest logit change (bf16, int8) |", "|---:|---:|---:|---:|---:|---|---|"]
+        lines += _table_head(["batch", "fp32 ms", "bf16 ms", "int8 ms", "int8 / fp32", "predictions equal to fp32 (bf16, int8)", "largest logit change (bf16, int8)"], left=0)
         for row in inference["results"]:
             ms, agree, diff = row["latency_ms"], row["prediction_agreement_with_fp32"], row["max_abs_logit_diff_vs_fp32"]
             lines.append(
@@ -116,8 +120,7 @@ def render(runs: dict[str, Any], bench: dict[str, dict[str, Any]]) -> str:
             f"`scripts/bench_augment.py --mlm-model <fit_mlm_head model> --sentences {augment['sentences']} --chunk 200`: "
             f"{augment['sentences']} SST-2 sentences, N = {augment['copies_per_sentence']}, {augment['lm_forwards_reference']} masked-LM forwards in the reference.",
             "",
-            "| implementation | sentences/s | speed-up over the reference |",
-            "|---|---:|---:|",
+            *_table_head(["implementation", "sentences/s", "speed-up over the reference"]),
             f"| one forward per word, fp32 (reference) | {augment['reference_sentences_per_s']:.1f} | 1× |",
             f"| batched, {augment['batched_precision']}, 200-sentence chunks alternating with the reference | {augment['batched_sentences_per_s']:.1f} | {augment['speedup']:.1f}× |",
             f"| batched, {augment['batched_precision']}, all sentences at once (GloVe table filled on the way) | {augment['batched_sentences_per_s_cold_glove_table']:.1f} | {augment['speedup_cold']:.1f}× |",
@@ -136,8 +139,7 @@ def render(runs: dict[str, Any], bench: dict[str, dict[str, Any]]) -> str:
             "",
             "`kdrun experiment=teacher_sst2 scale=cpu device.precision=fp32` and `... device.precision=bf16` (= `auto` here), one after the other, alone on the machine.",
             "",
-            "| precision | dev accuracy | kept step | training ex/s | training s | command wall time |",
-            "|---|---:|---:|---:|---:|---:|",
+            *_table_head(["precision", "dev accuracy", "kept step", "training ex/s", "training s", "command wall time"]),
         ]
         for name, run in teacher.items():
             wall = f"{run['wall_seconds'] / 60:.1f} min" if run.get("wall_seconds") else "–"
@@ -158,7 +160,8 @@ def render(runs: dict[str, Any], bench: dict[str, dict[str, Any]]) -> str:
             for label, run in (("fp32 run", f), ("bf16 run", b)):
                 rows = run.get("deployment") or {}
                 if rows:
-                    lines += ["", f"Deployment table of the {label} (`results.json` → `deployment`):", "", "| format | dev acc | agrees with fp32 | max abs logit change | ms bs1 | ms bs32 | × fp32 bs32 |", "|---|---:|---:|---:|---:|---:|---:|"]
+                    lines += ["", f"Deployment table of the {label} (`results.json` → `deployment`):", ""]
+                    lines += _table_head(["format", "dev acc", "agrees with fp32", "max abs logit change", "ms bs1", "ms bs32", "× fp32 bs32"])
                     for fmt, row in rows.items():
                         if "skipped" in row:
                             lines.append(f"| {fmt} | skipped: {row['skipped']} | | | | | |")
@@ -176,8 +179,7 @@ def render(runs: dict[str, Any], bench: dict[str, dict[str, Any]]) -> str:
             "4,000 packed 128-token corpus sequences, 125 steps of 32, TinyBERT-4 student, MiniLM-L6 teacher. `before` is the",
             "commit before precision existed (fp32 only).",
             "",
-            "| code | precision | sequences/s | tokens/s | training s | stage s |",
-            "|---|---|---:|---:|---:|---:|",
+            *_table_head(["code", "precision", "sequences/s", "tokens/s", "training s", "stage s"], left=2),
         ]
         for name, run in general.items():
             tokens = f"{run['tokens_per_second']:,.0f}" if run.get("tokens_per_second") else "not reported"
