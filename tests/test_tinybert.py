@@ -114,7 +114,8 @@ def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_pa
     table = TeacherLogits.load(logits_file)
     assert len(table.row_of) == augment["rows"] == task["train_examples"] and table.logits.shape == (augment["rows"], 2)
 
-    # An ablation of task distillation reuses the teacher and the general student.
+    # A Table 3 row removes its term in both stages: it reuses the teacher (and its logits on the same rows)
+    # but trains its own general student, without the term.
     (tmp_path / "ablation").mkdir()
     run_kdrun(
         "experiment=tinybert_mrpc", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}",
@@ -122,12 +123,48 @@ def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_pa
         "augment.n_iter=4", "ablation=no_attn", cwd=tmp_path / "ablation",
     )
     ablated = _results(tmp_path / "ablation")["stages"]
-    assert (ablated["finetune_teacher"]["cache"], ablated["general_distill"]["cache"], ablated["task_distill"]["cache"]) == ("hit", "hit", "computed")
+    assert (ablated["finetune_teacher"]["cache"], ablated["general_distill"]["cache"], ablated["task_distill"]["cache"]) == ("hit", "computed", "computed")
+    assert ablated["general_distill"]["key"] != stages["general_distill"]["key"]
     assert ablated["task_distill"]["summary"]["teacher_logits"] == str(logits_file)  # the same teacher on the same rows
-    full_terms = task["intermediate"]["history"][0]
-    ablated_terms = ablated["task_distill"]["summary"]["intermediate"]["history"][0]
-    assert {"embedding", "attention", "hidden"} <= set(full_terms)
-    assert {"embedding", "hidden"} <= set(ablated_terms) and "attention" not in ablated_terms
+    for stage_summary, full_summary in ((ablated["task_distill"]["summary"]["intermediate"], task["intermediate"]), (ablated["general_distill"]["summary"], general)):
+        full_terms, ablated_terms = set(full_summary["history"][0]), set(stage_summary["history"][0])
+        assert {"embedding", "attention", "hidden"} <= full_terms
+        assert {"embedding", "hidden"} <= ablated_terms and "attention" not in ablated_terms
+
+    # w/o TD (Table 2): no fine-tuned teacher is needed; the student, built in the teacher's shape, learns the labels.
+    (tmp_path / "no_td").mkdir()
+    run_kdrun(
+        "experiment=tinybert_mrpc", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}",
+        f"data.glue_dir={glue_dir}", f"data.corpus={corpus}", *TINY_STUDENT, "evaluate.latency_repeats=1",
+        "augment.n_iter=4", "ablation=no_td", cwd=tmp_path / "no_td",
+    )
+    no_td = _results(tmp_path / "no_td")
+    assert list(no_td["stages"]) == ["general_distill", "fit_mlm_head", "augment", "task_distill", "evaluate"]
+    assert no_td["stages"]["general_distill"]["cache"] == "hit"  # the full recipe's general student
+    summary = no_td["stages"]["task_distill"]["summary"]
+    assert "intermediate" not in summary and summary["prediction"]["steps"] == 3 and "teacher_logits" not in summary
+    assert set(no_td["metrics"]) == {"f1", "accuracy"}
+
+
+def test_table3_rows_remove_their_term_from_general_distillation_too() -> None:
+    """Rows with the full general-distillation weights share one general student; each term ablation has its own."""
+    from kdrun.pipeline import plan
+
+    keys, weights = {}, {}
+    for row in ("none", "no_pred", "no_embd", "no_attn", "no_hidn", "no_trm"):
+        cfg = _compose("experiment=tinybert_mrpc", f"ablation={row}")
+        keys[row] = {p.stage.name: p.key for p in plan(cfg)}["general_distill"]
+        weights[row] = {k: cfg.general_distill.weights[k] for k in ("embedding", "attention", "hidden")}
+    assert keys["none"] == keys["no_pred"]
+    assert len({keys[row] for row in ("none", "no_embd", "no_attn", "no_hidn", "no_trm")}) == 5
+    assert weights == {
+        "none": {"embedding": 1.0, "attention": 1.0, "hidden": 1.0},
+        "no_pred": {"embedding": 1.0, "attention": 1.0, "hidden": 1.0},
+        "no_embd": {"embedding": 0.0, "attention": 1.0, "hidden": 1.0},
+        "no_attn": {"embedding": 1.0, "attention": 0.0, "hidden": 1.0},
+        "no_hidn": {"embedding": 1.0, "attention": 1.0, "hidden": 0.0},
+        "no_trm": {"embedding": 1.0, "attention": 0.0, "hidden": 0.0},
+    }
 
 
 def test_ablations_compose_into_the_right_pipelines() -> None:

@@ -113,8 +113,9 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         teacher = resolve_precision(cfg.device).inference_model(teacher, copy=False)  # frozen: weights in the run's precision
         teacher.to(accelerator.device).eval().requires_grad_(False)
         teacher_config = teacher.config
-    else:
-        teacher_tokenizer, teacher_config = load_tokenizer(cfg.teacher.path, cfg.teacher.revision), None
+    else:  # no fine-tuned teacher (labels only, e.g. TinyBERT's w/o TD): the student still takes the teacher's shape
+        teacher_tokenizer = load_tokenizer(cfg.teacher.path, cfg.teacher.revision)
+        teacher_config = load_model_config(cfg.teacher.path, cfg.teacher.revision)
     augmented = load_augmented(inputs["augment"], task.is_regression) if "augment" in inputs else None
     train_examples = augmented if augmented is not None else task_data.train_examples(cfg)
     seed_everything(cfg.task_distill.intermediate.train.seed)
