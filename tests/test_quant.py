@@ -150,6 +150,10 @@ def test_sensitivity_is_mean_plus_std_over_batches() -> None:
 
     layer = LayerSensitivity(3, (1.0, 3.0))
     assert (layer.mean, layer.std, layer.sensitivity) == (2.0, 1.0, 3.0)
+    # A negative top eigenvalue is curvature too: its magnitude counts (Q-BERT's |mean| + std).
+    negative = LayerSensitivity(1, (-23.0, -21.0))
+    assert (negative.mean, negative.std, negative.sensitivity) == (-22.0, 1.0, 23.0)
+    assert negative.sensitivity > layer.sensitivity
 
 
 # --- bits, size, modules --------------------------------------------------------------

@@ -4,8 +4,10 @@ For layer l with parameters W_l, the block H_ll = d2L/dW_l2 is never formed: pow
 iteration needs only Hessian-vector products, which double backward gives at the
 cost of about two backward passes: H_ll v = d(g_l . v)/dW_l with g_l = dL/dW_l kept
 differentiable. One forward and one create-graph backward per batch serve the
-power iterations of every layer. Q-BERT's sensitivity of a layer is the mean plus
-the standard deviation of its top eigenvalue over several batches.
+power iterations of every layer. Q-BERT's sensitivity of a layer is
+|mean| + std of its top eigenvalue over several batches: power iteration returns
+the eigenvalue of largest magnitude, which can be negative (-22 was seen on a
+small model), and a strongly curved layer must not rank as the least sensitive.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ class LayerSensitivity:
 
     @property
     def sensitivity(self) -> float:
-        """Q-BERT's rule: mean + std of the top eigenvalue across batches."""
-        return self.mean + self.std
+        """Q-BERT's rule, Omega = |mean(lambda)| + std(lambda) over batches (the magnitude: a negative top
+        eigenvalue is as much curvature as a positive one)."""
+        return abs(self.mean) + self.std
 
     def as_dict(self) -> dict[str, object]:
         return {"layer": self.layer, "eigenvalues": list(self.eigenvalues), "mean": self.mean, "std": self.std, "sensitivity": self.sensitivity}

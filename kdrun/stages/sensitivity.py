@@ -76,6 +76,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
 STAGE = register(
     Stage(
         name="sensitivity",
+        version="2",  # 2: |mean| + std of the top eigenvalue (a negative one ranked as the least sensitive)
         run=run,
         reads=("task", "data.max_seq_length", "data.max_train_examples", "data.sample_seed", "quantize.hessian"),
         consumes_model=True,
