@@ -161,6 +161,16 @@ def test_split_words_is_bert_basic_tokenisation(augmenter: TinyBertAugmenter) ->
     ]
 
 
+def test_stop_words_are_the_official_codes(augmenter: TinyBertAugmenter) -> None:
+    """NLTK's English list without the eight wh-words (which the official TinyBERT code does replace)."""
+    from kdrun.augment.tinybert import STOP_WORDS
+
+    assert len(STOP_WORDS) == 173 and {"the", "is", "not", "there", "'s", "'re"} <= STOP_WORDS
+    assert not {"how", "what", "when", "where", "which", "who", "whom", "why"} & STOP_WORDS
+    [found] = augmenter.candidates(["what the film is"])
+    assert sorted(found.candidates) == [0, 2]  # "what" and "film"; "the" and "is" are skipped
+
+
 def test_candidates_come_from_the_lm_for_single_pieces_and_glove_otherwise(augmenter: TinyBertAugmenter) -> None:
     tokenizer = augmenter.tokenizer
     assert tokenizer.tokenize("engrossing") == ["eng", "##ross", "##ing"]  # several pieces: GloVe

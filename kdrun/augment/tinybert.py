@@ -50,18 +50,19 @@ RECIPE = "tinybert"  # names the random stream (see kdrun.augment.seeding)
 # WNLI, which it does not list, gets the small-task value.
 COPIES_PER_TASK = {"cola": 30, "mrpc": 30, "stsb": 30, "rte": 30, "wnli": 30, "sst2": 20, "qnli": 20, "mnli": 10, "qqp": 10}
 
-# The usual English stop-word list (NLTK's), which the official code also skips:
-# replacing function words mostly makes ungrammatical sentences.
+# The official TinyBERT code's stop words (data_augmentation.py's StopWordsList), which it never replaces:
+# NLTK's English list without what, which, who, whom, when, where, why and how (those are replaced), plus
+# 's and 're. Replacing function words mostly makes ungrammatical sentences.
 STOP_WORDS = frozenset(
     """i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself yourselves he
-    him his himself she she's her hers herself it it's its itself they them their theirs themselves what which
-    who whom this that that'll these those am is are was were be been being have has had having do does did
+    him his himself she she's her hers herself it it's its itself they them their theirs themselves
+    this that that'll these those am is are was were be been being have has had having do does did
     doing a an the and but if or because as until while of at by for with about against between into through
     during before after above below to from up down in out on off over under again further then once here
-    there when where why how all any both each few more most other some such no nor not only own same so than
+    there all any both each few more most other some such no nor not only own same so than
     too very s t can will just don don't should should've now d ll m o re ve y ain aren aren't couldn couldn't
     didn didn't doesn doesn't hadn hadn't hasn hasn't haven haven't isn isn't ma mightn mightn't mustn mustn't
-    needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split()
+    needn needn't shan shan't shouldn shouldn't wasn wasn't weren weren't won won't wouldn wouldn't 's 're""".split()
 )
 
 _LETTERS_ONLY = re.compile(r"[a-z]+")
