@@ -108,6 +108,9 @@ class DistillConfig:
     # ``teacher``: the prediction step distils the teacher's logits; ``labels``: plain
     # cross-entropy on the gold labels (TinyBERT Table 3, "w/o Pred").
     prediction_target: str = "teacher"
+    # For a regression task (STS-B): ``teacher`` (MSE to the teacher's score) or ``labels`` (MSE to the gold
+    # score, which augmented rows copy from their source: what TinyBERT's official code fits).
+    regression_target: str = "teacher"
     # Prediction-layer loss: ``soft_ce`` (TinyBERT, DistilBERT) or ``mse`` on logits (Tang et al.).
     prediction_loss: str = "soft_ce"
     # DistilBERT's L_ce over ``all`` non-padding tokens (released code) or only ``masked`` ones.

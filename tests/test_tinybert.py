@@ -242,3 +242,19 @@ def test_task_distillation_on_tang_augmented_data(run_kdrun, tiny_bert_dir, glue
     assert len(originals) == 64
     assert all(r["label"] == originals[r["source_id"]]["label"] for r in rows)
     assert stages["task_distill"]["summary"]["train_examples"] == augment["rows"]
+
+
+def test_stsb_prediction_step_fits_the_gold_scores_as_the_official_code_does() -> None:
+    """TinyBERT's regression prediction step: MSE to the labels (copied onto augmented rows), no teacher logits;
+    Tang et al.'s BiLSTM and classification tasks still distil the teacher's outputs."""
+    import pytest
+
+    from kdrun.pipeline import PipelineError
+    from kdrun.stages.task_distill import _prediction_settings, check
+
+    assert _prediction_settings(_compose("experiment=tinybert_stsb")).hard_weight == 1.0
+    assert _prediction_settings(_compose("experiment=tinybert_sst2")).hard_weight == 0.0
+    assert _prediction_settings(_compose("experiment=bilstm_stsb")).hard_weight == 0.0
+    assert _prediction_settings(_compose("experiment=tinybert_stsb", "distill.regression_target=teacher")).hard_weight == 0.0
+    with pytest.raises(PipelineError, match="distill.regression_target must be one of"):
+        check(_compose("experiment=tinybert_stsb", "distill.regression_target=gold"))

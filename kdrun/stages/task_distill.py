@@ -41,13 +41,22 @@ STUDENT_KINDS = ("bert", "distilbert", "bilstm")
 def needs_teacher(cfg: DictConfig) -> bool:
     """Whether this run reads the fine-tuned teacher (bilstm_nokd trains on gold labels alone)."""
     return cfg.task_distill.intermediate.enabled or (
-        cfg.task_distill.prediction.enabled and cfg.distill.prediction_target == "teacher" and cfg.distill.weights.hard < 1.0
+        cfg.task_distill.prediction.enabled and _labels_weight(cfg) < 1.0
     )
 
 
+def _labels_weight(cfg: DictConfig) -> float:
+    """The weight a of the gold labels in the prediction step (1: labels only, no teacher logits)."""
+    d = cfg.distill
+    if d.prediction_target == "labels" or (task_data.task_of(cfg).is_regression and d.regression_target == "labels"):
+        return 1.0
+    return float(d.weights.hard)
+
+
 def check(cfg: DictConfig) -> None:
-    if cfg.distill.prediction_target not in PREDICTION_TARGETS:
-        raise PipelineError(f"distill.prediction_target must be one of {PREDICTION_TARGETS}, got '{cfg.distill.prediction_target}'.")
+    for name in ("prediction_target", "regression_target"):
+        if cfg.distill[name] not in PREDICTION_TARGETS:
+            raise PipelineError(f"distill.{name} must be one of {PREDICTION_TARGETS}, got '{cfg.distill[name]}'.")
     if cfg.student.kind not in STUDENT_KINDS:
         raise PipelineError(f"student.kind must be one of {STUDENT_KINDS}, got '{cfg.student.kind}'.")
     steps = cfg.task_distill
@@ -81,9 +90,10 @@ def _intermediate_weights(cfg: DictConfig) -> dict[str, float]:
 
 def _prediction_settings(cfg: DictConfig) -> PredictionLossSettings:
     d = cfg.distill
-    hard = 1.0 if d.prediction_target == "labels" else float(d.weights.hard)
     try:
-        return PredictionLossSettings(kind=d.prediction_loss, temperature=d.temperature, scale_by_t2=d.scale_by_t2, hard_weight=hard)
+        return PredictionLossSettings(
+            kind=d.prediction_loss, temperature=d.temperature, scale_by_t2=d.scale_by_t2, hard_weight=_labels_weight(cfg)
+        )
     except ValueError as error:
         raise PipelineError(f"task_distill: {error}") from error
 
