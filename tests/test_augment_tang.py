@@ -294,6 +294,15 @@ def test_pair_rows_change_only_the_scheduled_sentence() -> None:
             assert row["text_a"] == "the film works"
 
 
+def test_duplicate_copies_are_discarded_as_in_the_paper() -> None:
+    """A 2-word sentence under full masking has few distinct variants: each comes out once."""
+    short = [TaggedExample(0, [("good", "T0"), ("film", "T1")])]
+    rows = list(tang_augment(short, DISJOINT_VOCAB, settings(p_mask=0.5), seed=0))
+    texts = [row["text_a"] for row in rows]
+    assert sorted(texts) == ["[MASK] [MASK]", "[MASK] film", "good [MASK]"]  # all 3 variants, each once
+    assert len(texts) == len(set(texts)) and "good film" not in texts
+
+
 def test_copies_identical_to_the_source_are_dropped() -> None:
     assert list(tang_augment(make_examples([0, 1]), DISJOINT_VOCAB, settings(), seed=0)) == []
     # POS replacement that can only draw the word itself never changes anything either.

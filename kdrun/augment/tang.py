@@ -86,7 +86,7 @@ class TangSettings:
     """Probabilities and sizes of Tang et al.'s augmentation (defaults: the paper's).
 
     ``n_iter`` is the number of augmented copies attempted per training example (copies
-    identical to their source are dropped, so fewer may come out); ``max_ngram`` the
+    identical to their source or to an earlier copy are dropped, so fewer may come out); ``max_ngram`` the
     largest n of n-gram sampling; ``mask_token`` the teacher tokenizer's mask token.
     """
 
@@ -378,19 +378,19 @@ def tang_augment(
 
     Each row is ``{"source_id": id, "copy": k, "text_a": str, "text_b": str | None}``
     with ``k`` in ``0..n_iter-1`` the attempt's index (which, for pairs, tells which
-    sentence was changed). A copy identical to its source (compared on the source's
-    re-joined tokens) is dropped: the teacher already labels the original, and a
-    duplicate would only overweight it. Copies are not deduplicated against each other,
-    since repeated draws reflect the augmentation distribution. The rows are a pure
-    function of ``seed``, the example, ``vocab`` and ``settings``.
+    sentence was changed). As in the paper, duplicates are discarded: a copy identical
+    to its source (compared on the source's re-joined tokens) or to an earlier copy of
+    the same example is dropped, so fewer than ``n_iter`` may come out. The rows are a
+    pure function of ``seed``, the example, ``vocab`` and ``settings``.
     """
     for example in examples:
         rng = example_rng(RECIPE, seed, example.source_id)
-        source = (_join(example.text_a), None if example.text_b is None else _join(example.text_b))
+        seen = {(_join(example.text_a), None if example.text_b is None else _join(example.text_b))}
         for copy_index in range(settings.n_iter):
             text_a, text_b = augment_example(example.text_a, example.text_b, copy_index, vocab, settings, rng)
-            if (text_a, text_b) == source:
+            if (text_a, text_b) in seen:
                 continue
+            seen.add((text_a, text_b))
             yield {"source_id": example.source_id, "copy": copy_index, "text_a": text_a, "text_b": text_b}
 
 

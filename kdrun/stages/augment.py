@@ -179,7 +179,7 @@ def load_augmented(output: StageOutput, task_is_regression: bool) -> datasets.Da
 STAGE = register(
     Stage(
         name="augment",
-        version="2",  # 2: TinyBERT's stop words are the official code's (the wh-words get candidates)
+        version="2",  # 2: TinyBERT's stop words are the official code's; Tang's duplicate copies are discarded
         run=run,
         check=check,
         reads=("task", "data.max_train_examples", "data.sample_seed", "augment"),
