@@ -258,3 +258,33 @@ def test_stsb_prediction_step_fits_the_gold_scores_as_the_official_code_does() -
     assert _prediction_settings(_compose("experiment=tinybert_stsb", "distill.regression_target=teacher")).hard_weight == 0.0
     with pytest.raises(PipelineError, match="distill.regression_target must be one of"):
         check(_compose("experiment=tinybert_stsb", "distill.regression_target=gold"))
+
+
+TINYBERT_ROWS = ("none", "no_embd", "no_pred", "no_trm", "no_attn", "no_hidn", "map_top", "map_bottom", "no_gd", "no_td", "no_da")
+
+
+def test_every_tinybert_ablation_row_runs_end_to_end(tiny_bert_dir, glue_dir, tmp_path) -> None:
+    """Tables 2, 3 and 4 row by row at scale=smoke, in one process and one cache (as a sweep runs them):
+    a row that is only planned can still crash when it runs (no_td did)."""
+    from kdrun.pipeline import run_pipeline
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"The film number {i} was a good one and people liked it a lot." for i in range(60)) + "\n")
+    scores = {}
+    for row in TINYBERT_ROWS:
+        cfg = _compose(
+            "experiment=tinybert_mrpc", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
+            f"data.corpus={corpus}", *TINY_STUDENT, "evaluate.measure_latency=false", "evaluate.formats=[fp32]",
+            "augment.n_iter=2", f"cache.dir={tmp_path / 'cache'}", f"ablation={row}",
+        )
+        (tmp_path / row).mkdir()
+        outputs = run_pipeline(cfg, tmp_path / row)
+        evaluation = outputs["evaluate"].summary
+        assert set(evaluation["dev"]) == {"f1", "accuracy"} and evaluation["model_from"] == "task_distill", row
+        scores[row] = outputs
+    assert "general_distill" not in scores["no_gd"] and "finetune_teacher" not in scores["no_td"]
+    assert scores["no_da"]["augment"].summary.get("passthrough") is True
+    # Rows that share the full general-distillation weights share the general student; term rows have their own.
+    general = {row: out["general_distill"].key for row, out in scores.items() if "general_distill" in out}
+    assert general["none"] == general["no_pred"] == general["no_da"] == general["no_td"]
+    assert len({general[row] for row in ("none", "no_embd", "no_trm", "no_attn", "no_hidn", "map_top", "map_bottom")}) == 7
