@@ -189,6 +189,8 @@ def test_inference_mode_teacher_tensors_are_usable() -> None:
 def test_width_projections() -> None:
     identity = WidthProjections(8, 8, student_layers=4)
     assert identity.is_identity and identity.for_layer(3) is None and not list(identity.parameters())
+    learnt = WidthProjections(8, 8, student_layers=4, always=True)  # the official student's fit_dense at equal widths
+    assert not learnt.is_identity and learnt.for_layer(3) is learnt.fit_dense and learnt.fit_dense.weight.shape == (8, 8)
     shared = WidthProjections(4, 8, student_layers=2)
     assert shared.for_layer(0) is shared.for_layer(2) is shared.fit_dense
     assert shared(torch.zeros(1, 3, 4), 1).shape == (1, 3, 8)

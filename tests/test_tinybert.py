@@ -167,6 +167,17 @@ def test_table3_rows_remove_their_term_from_general_distillation_too() -> None:
     }
 
 
+def test_a_student_as_wide_as_its_teacher_still_learns_fit_dense() -> None:
+    """TinyBERT-6 beside a 768-wide teacher: the official code trains fit_dense at equal widths too."""
+    from kdrun.distill.tinybert import objective_from_config
+
+    teacher = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
+    student = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    distill = OmegaConf.create({"temperature": 1.0, "scale_by_t2": False, "attention_target": "scores", "mapping": {"kind": "uniform", "layers": None}})
+    _, projections = objective_from_config(distill, {"embedding": 1.0, "attention": 1.0, "hidden": 1.0}, student, teacher)
+    assert not projections.is_identity and projections.fit_dense.weight.shape == (32, 32)
+
+
 def test_ablations_compose_into_the_right_pipelines() -> None:
     from kdrun.pipeline import plan
 

@@ -163,11 +163,14 @@ class WidthProjections(nn.Module):
     TinyBERT's official code uses one shared ``fit_dense`` for all hidden states including the
     embeddings, hence ``shared=True`` by default; ``shared=False`` gives one map per student index
     (0 = embeddings, 1..M = transformer layers). With equal widths no parameters are created and
-    ``for_layer`` returns None (the identity). Train these with the student and save their
+    ``for_layer`` returns None (the identity), unless ``always``: the official TinyBERT student always
+    trains its ``fit_dense``, a student as wide as its teacher (TinyBERT-6) included. Train these with the student and save their
     ``state_dict`` next to it if training continues later.
     """
 
-    def __init__(self, student_width: int, teacher_width: int, student_layers: int = 0, shared: bool = True) -> None:
+    def __init__(
+        self, student_width: int, teacher_width: int, student_layers: int = 0, shared: bool = True, always: bool = False
+    ) -> None:
         super().__init__()
         self.student_width = student_width
         self.teacher_width = teacher_width
@@ -175,7 +178,7 @@ class WidthProjections(nn.Module):
         self.student_layers = student_layers
         self.fit_dense: nn.Linear | None = None
         self.per_layer: nn.ModuleList | None = None
-        if student_width == teacher_width:
+        if student_width == teacher_width and not always:
             return
         if shared:
             self.fit_dense = nn.Linear(student_width, teacher_width)

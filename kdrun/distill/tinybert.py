@@ -68,8 +68,8 @@ def objective_from_config(
     distill: Any, weights: Mapping[str, float], student_config: Any, teacher_config: Any
 ) -> tuple[TinyBertObjective, WidthProjections]:
     """The objective for one training step (weights differ per step) and its width projections."""
-    projections = WidthProjections(
-        student_config.hidden_size, teacher_config.hidden_size, student_config.num_hidden_layers, shared=True
+    projections = WidthProjections(  # always a learnt fit_dense, as the official student has (TinyBERT-6 too)
+        student_config.hidden_size, teacher_config.hidden_size, student_config.num_hidden_layers, shared=True, always=True
     )
     config = ObjectiveConfig.from_mapping(
         {

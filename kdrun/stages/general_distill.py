@@ -152,6 +152,7 @@ def run_distilbert(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Pat
 STAGE = register(
     Stage(
         name="general_distill",
+        version="2",  # 2: fit_dense is learnt at equal widths too (TinyBERT-6), as in the official code
         run=run,
         check=check,
         reads=(

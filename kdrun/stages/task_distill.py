@@ -227,7 +227,7 @@ def _train_once(job: TrainingJob, settings: DictConfig, device: DictConfig, step
 STAGE = register(
     Stage(
         name="task_distill",
-        version="2",  # 2: a checkpoint predicting one class for a whole dev split is never kept as the best
+        version="3",  # 3: fit_dense learnt at equal widths; 2: a constant predictor is never kept as the best
         run=run,
         check=check,
         reads=(
