@@ -146,6 +146,9 @@ def _uses_precision(stage: Stage, cfg: DictConfig) -> bool:
 
 def plan(cfg: DictConfig) -> list[PlannedStage]:
     """Check the stage list and compute every key, before any work is done."""
+    from kdrun.validation import validate_config
+
+    validate_config(cfg)
     precision = _precision_name(cfg)
     stages = registered_stages()
     names = list(cfg.pipeline.stages)
