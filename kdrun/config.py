@@ -12,6 +12,10 @@ stage) rather than inventing untyped keys.
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -394,3 +398,30 @@ def to_container(cfg: DictConfig | Any) -> Any:
     if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
+
+
+def _declared_type(annotation: Any) -> Any:
+    """``X`` for ``Optional[X]`` / ``X | None``; other annotations unchanged."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
+def schema_fields(schema: type = KdrunConfig, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, declared type) of every field of ``schema``, descending into nested dataclasses,
+    parents before their fields: what a composed config may contain, for checks that must walk the
+    schema rather than hard-code its paths."""
+    hints = typing.get_type_hints(schema)
+    for item in dataclasses.fields(schema):
+        path = prefix + item.name
+        declared = _declared_type(hints[item.name])
+        yield path, declared
+        if dataclasses.is_dataclass(declared):
+            yield from schema_fields(declared, path + ".")
+
+
+def schema_paths_of_type(node_type: type, schema: type = KdrunConfig) -> list[str]:
+    """The dotted paths of every ``node_type`` node in ``schema`` (e.g. every stage's TrainConfig)."""
+    return [path for path, declared in schema_fields(schema) if declared is node_type]

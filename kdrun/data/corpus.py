@@ -39,11 +39,26 @@ def corpus_files(corpus: str | None) -> list[Path]:
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
     if not files:
         raise CorpusNotFound(f"data.corpus={corpus} is neither a text file nor a directory containing .txt files.")
+    if not any(_has_text(file) for file in files):
+        what = "is empty" if path.is_file() else f"holds only empty .txt files ({len(files)})"
+        raise CorpusNotFound(
+            f"data.corpus={corpus} {what}: the corpus has no text to distil on. Point data.corpus (or "
+            "KDRUN_CORPUS) at a text file with one paragraph per line, or a directory of such files."
+        )
     return files
 
 
+def _has_text(path: Path) -> bool:
+    """Whether ``path`` has a non-blank line; reads only up to the first one, so a large file costs nothing."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return any(line.strip() for line in handle)
+    except UnicodeDecodeError as error:
+        raise CorpusNotFound(f"Corpus file {path} is not UTF-8 text ({error.reason}); convert it to UTF-8.") from error
+
+
 def check_corpus(corpus: str | None) -> None:
-    """Fail before training when a local corpus is missing (a hub corpus is checked when streamed)."""
+    """Fail before training when a local corpus is missing or has no text (a hub corpus is checked when streamed)."""
     if not str(corpus or "").startswith(HUB_PREFIX):
         corpus_files(corpus)
 

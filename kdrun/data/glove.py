@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,8 +174,24 @@ class NeighbourTable:
         missing = wanted - self.table.keys()
         if missing:
             self.table.update(nearest_words(self.glove, missing, self.k))
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_suffix(".partial")
-            partial.write_text(json.dumps({"source": self.source, "k": self.k, "neighbours": self.table}))
-            partial.replace(self.path)
+            self._save()
         return {w: self.table[w] for w in wanted}
+
+    def _save(self) -> None:
+        """Write the table through a temporary file of this writer's own, renamed into place.
+
+        Augment jobs of a sweep share one table (it lives in the cache, not in a stage's
+        directory): a fixed temporary name would let two of them write into the same file at once.
+        Each writer's rename is atomic, so a reader sees one complete table or the other.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(
+            "w", dir=self.path.parent, prefix=self.path.name + ".", suffix=".partial", delete=False, encoding="utf-8"
+        )
+        try:
+            with handle:
+                json.dump({"source": self.source, "k": self.k, "neighbours": self.table}, handle)
+            os.replace(handle.name, self.path)
+        except BaseException:
+            Path(handle.name).unlink(missing_ok=True)
+            raise

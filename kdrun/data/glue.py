@@ -248,7 +248,21 @@ def _load_from_dir(task: TaskSpec, split: str, root: Path) -> datasets.Dataset:
             f"Check that {root} is the right directory, or {_FIX_HINT}; {_LAYOUT_HINT}."
         )
     data = _parse_tsv(task, split, path)
+    if not data["id"]:
+        raise _no_rows(task, split, path)
     return datasets.Dataset.from_dict(data, features=features_for(task))
+
+
+def _no_rows(task: TaskSpec, split: str, path: Path) -> GlueFormatError:
+    """A split with no examples: nothing downstream (tokenising, sampling, metrics) can work on it, and
+    the failure it causes there (``Column 'length' doesn't exist``) does not name the file."""
+    layout = _TSV_LAYOUTS[task.name]
+    headerless = layout.headerless is not None and split not in task.test_splits
+    what = "is empty" if headerless else "has a header but no rows"
+    return GlueFormatError(
+        f"GLUE file {path} {what} (task {task.name!r}, split {split!r}); a split needs at least one "
+        f"example. Download the task again, or if complete files live elsewhere {_FIX_HINT}."
+    )
 
 
 def _read_lines(path: Path) -> list[str]:

@@ -3,8 +3,9 @@
 A model reference is a hub id (``google-bert/bert-base-uncased``), a local
 directory, or ``package:<module>/<subdir>`` for a model that ships inside an
 installed pip package (the embedded MiniLM-L6 teacher). Every check a user can
-fail (missing package, unreachable hub, tokenizer/model vocabulary mismatch,
-label-count mismatch) raises :class:`ModelSetupError` before any training.
+fail (missing package, unreachable hub, a directory without weights,
+tokenizer/model vocabulary mismatch, label-count mismatch) raises
+:class:`ModelSetupError` before any training.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from kdrun.data.tasks import TaskSpec
 
@@ -82,27 +84,61 @@ def load_tokenizer(reference: str, revision: str | None = None) -> PreTrainedTok
 
 
 def check_tokenizer_matches(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, reference: str) -> None:
-    """A tokenizer whose ids exceed the embedding table would index out of range mid-training."""
+    """Fail when tokenizer and model do not belong together.
+
+    A tokenizer with more ids than the embedding table (or special tokens outside it) would index
+    out of range mid-training; one whose vocabulary is another model's or shuffled trains without
+    any error and only scores at chance (its [PAD] then lands on another id than the model's).
+    """
     vocab_size = getattr(config, "vocab_size", None)
     if vocab_size is None:
         return
-    if len(tokenizer) > vocab_size:
+    mismatch = _tokenizer_mismatch(tokenizer, config, vocab_size)
+    if mismatch is not None:
         raise ModelSetupError(
-            f"The tokenizer of '{reference}' has {len(tokenizer)} tokens but the model's embedding "
-            f"table has {vocab_size} rows: tokenizer and model do not belong together. Use the "
+            f"The tokenizer of '{reference}' {mismatch}: tokenizer and model do not belong together. Use the "
             "tokenizer saved with the model (same directory or hub id)."
         )
+
+
+def _tokenizer_mismatch(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, vocab_size: int) -> str | None:
+    """What shows that ``tokenizer`` is not ``config``'s model's, or None."""
+    if len(tokenizer) > vocab_size:
+        return f"has {len(tokenizer)} tokens but the model's embedding table has {vocab_size} rows"
+    for name in ("cls_token", "sep_token"):
+        token_id = getattr(tokenizer, f"{name}_id")
+        if token_id is not None and token_id >= vocab_size:
+            return f"puts {getattr(tokenizer, name)} at id {token_id}, outside the model's vocabulary of {vocab_size}"
     special_ids = [i for i in tokenizer.all_special_ids if i is not None]
     if special_ids and max(special_ids) >= vocab_size:
+        return f"uses special-token id {max(special_ids)}, outside the model's vocabulary of {vocab_size}"
+    pad_id = getattr(config, "pad_token_id", None)
+    if pad_id is not None and tokenizer.pad_token_id != pad_id:
+        return (
+            f"puts {tokenizer.pad_token} at id {tokenizer.pad_token_id} but the model's config has "
+            f"pad_token_id={pad_id} (is the vocabulary another model's, or shuffled?)"
+        )
+    return None
+
+
+WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+
+
+def check_weights_present(reference: str) -> None:
+    """A local model directory must hold its weights (else loading them fails with a bare OSError,
+    after every earlier stage has run). Hub ids are checked when downloaded."""
+    path = resolve_model_path(reference)
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
         raise ModelSetupError(
-            f"The tokenizer of '{reference}' uses special-token id {max(special_ids)}, outside the "
-            f"model's vocabulary of {vocab_size}: tokenizer and model do not belong together."
+            f"{path} has a config.json but no weights: expected one of {', '.join(WEIGHT_FILES)}. Copy the "
+            "model's weight file(s) into it, or point the config at a complete model directory."
         )
 
 
 def load_checked_config(reference: str, revision: str | None = None) -> PretrainedConfig:
-    """The model's config, after checking that its tokenizer fits its vocabulary."""
+    """The model's config, after checking that its weights are there and its tokenizer fits it."""
     config = load_model_config(reference, revision)
+    check_weights_present(reference)
     check_tokenizer_matches(load_tokenizer(reference, revision), config, reference)
     return config
 
@@ -121,8 +157,9 @@ def _check_label_count(config: PretrainedConfig, task: TaskSpec, reference: str)
 
 
 def classification_config(reference: str, task: TaskSpec, revision: str | None = None) -> PretrainedConfig:
-    """The model's config set up for the task's labels (regression for STS-B)."""
+    """The model's config set up for the task's labels (regression for STS-B), its weights checked present."""
     config = load_model_config(reference, revision)
+    check_weights_present(reference)
     _check_label_count(config, task, reference)
     config.num_labels = task.num_labels
     if task.is_regression:

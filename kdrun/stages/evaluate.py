@@ -153,6 +153,8 @@ def check(cfg: DictConfig) -> None:
     if unknown:
         raise PipelineError(f"evaluate.formats names unknown format(s) {unknown}; known: {list(FORMATS)}.")
     task_data.check_data_available(cfg)
+    if cfg.evaluate.predict_test:  # read now, not after every model of the run has trained
+        task_data.test_examples(cfg)
 
 
 STAGE = register(

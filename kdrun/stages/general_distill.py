@@ -29,12 +29,13 @@ from kdrun.data.mlm import MaskingCollator
 from kdrun.distill.distilbert import MaskedLmStudent, TripleLossSettings, triple_loss
 from kdrun.distill.tinybert import StudentWithProjections, objective_from_config, tinybert_loss
 from kdrun.models.loading import load_checked_config, load_tokenizer, resolve_model_path
-from kdrun.models.distil_student import distil_from_teacher, teacher_layers_to_keep
+from kdrun.models.distil_student import distil_from_teacher, distilbert_config, teacher_layers_to_keep
 from kdrun.models.masked_lm import load_masked_lm
 from kdrun.models.students import new_general_student, student_bert_config
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
 from kdrun.precision import resolve_precision
 from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
+from kdrun.validation import check_tinybert_teacher
 
 
 def check(cfg: DictConfig) -> None:
@@ -44,7 +45,8 @@ def check(cfg: DictConfig) -> None:
             raise PipelineError(f"distill=distilbert needs student=distil_from_teacher, not student={cfg.student.name}.")
         teacher_config = load_checked_config(cfg.teacher.path, cfg.teacher.revision)
         try:
-            teacher_layers_to_keep(teacher_config.num_hidden_layers, cfg.student.layers)
+            kept = teacher_layers_to_keep(teacher_config.num_hidden_layers, cfg.student.layers)
+            distilbert_config(teacher_config, len(kept))  # the student copies BERT layers: a BERT teacher
         except ValueError as error:
             raise PipelineError(f"general_distill: {error}") from error
         check_corpus(cfg.data.corpus)
@@ -52,9 +54,10 @@ def check(cfg: DictConfig) -> None:
     teacher_config = load_checked_config(cfg.teacher.path, cfg.teacher.revision)
     student_config = student_bert_config(cfg.student, teacher_config)
     try:
-        objective_from_config(cfg.distill, cfg.general_distill.weights, student_config, teacher_config)
+        objective, _ = objective_from_config(cfg.distill, cfg.general_distill.weights, student_config, teacher_config)
     except ValueError as error:  # weights, mapping or attention target that cannot work
         raise PipelineError(f"general_distill: {error}") from error
+    check_tinybert_teacher(objective, student_config, teacher_config, cfg.teacher.path, "general_distill.weights")
     check_corpus(cfg.data.corpus)
 
 

@@ -56,6 +56,10 @@ def check(cfg: DictConfig) -> None:
     if settings.name == "qbert_mp":
         if len(settings.mixed_bits) != 2:
             raise PipelineError(f"quantize.mixed_bits must be a pair [low, high], got {list(settings.mixed_bits)}.")
+        try:  # the pair and the target average width, checked by the allocation itself on one layer
+            mixed_precision_bits([0.0], *settings.mixed_bits, settings.target_average_bits)
+        except ValueError as error:
+            raise PipelineError(f"quantize.mixed_bits / quantize.target_average_bits: {error}.") from error
         if "sensitivity" not in cfg.pipeline.stages:
             raise PipelineError("quantize=qbert_mp allocates bits by Hessian sensitivity: add 'sensitivity' before 'quantize' in pipeline.stages.")
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
 from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits, objective_from_config, tinybert_loss
-from kdrun.models.loading import load_for_sequence_classification, load_model_config, load_tokenizer
+from kdrun.models.loading import load_checked_config, load_for_sequence_classification, load_model_config, load_tokenizer
 from kdrun.models.students import bilstm_student_for_task, distil_student_for_task, student_bert_config, student_for_task
 from kdrun.metrics import Evaluation
 from kdrun.pipeline import PipelineError, Stage, StageOutput, cache_root_of, config_slice, register, stage_key
@@ -32,6 +32,7 @@ from kdrun.precision import resolve_precision
 from kdrun.predict import main_metric_key, score_dev_sets
 from kdrun.stages import task_data
 from kdrun.stages.augment import load_augmented
+from kdrun.validation import check_tinybert_teacher
 from kdrun.train import TrainingJob, TrainOutcome, get_accelerator, seed_everything, train
 
 PREDICTION_TARGETS = ("teacher", "labels")
@@ -69,17 +70,19 @@ def check(cfg: DictConfig) -> None:
             "(or train on gold labels only: distill.prediction_target=labels and task_distill.intermediate.enabled=false)."
         )
     _prediction_settings(cfg)
+    teacher_config = load_checked_config(cfg.teacher.path, cfg.teacher.revision)  # its weights and tokenizer, before compute
     if steps.intermediate.enabled:
         if cfg.student.kind != "bert":
             raise PipelineError(
                 f"task_distill.intermediate (TinyBERT's layer losses) needs a BERT student, not student={cfg.student.name}; "
                 "set task_distill.intermediate.enabled=false."
             )
-        teacher_config = load_model_config(cfg.teacher.path, cfg.teacher.revision)
+        student_config = student_bert_config(cfg.student, teacher_config)
         try:
-            objective_from_config(cfg.distill, _intermediate_weights(cfg), student_bert_config(cfg.student, teacher_config), teacher_config)
+            objective, _ = objective_from_config(cfg.distill, _intermediate_weights(cfg), student_config, teacher_config)
         except ValueError as error:  # weights, mapping or attention target that cannot work
             raise PipelineError(f"task_distill: {error}") from error
+        check_tinybert_teacher(objective, student_config, teacher_config, cfg.teacher.path, "distill.weights")
     task_data.check_data_available(cfg)
 
 
