@@ -9,15 +9,26 @@ the best model, and full-state checkpoints.
 
 Resumption: every ``checkpoint_every_steps`` optimizer steps the full state
 (model, optimizer, scheduler, every RNG, epoch and batch position, step, best
-score, history) is written to ``<work_dir>/checkpoint`` atomically. Running the
-same job again with the same ``work_dir`` (which is what re-running the same
-``kdrun`` command does) restores it and continues with exactly the batches that
-had not been trained on, so the result equals an uninterrupted run.
+score, history, the evaluation still due) is written to ``<work_dir>/checkpoint``
+atomically. Running the same job again with the same ``work_dir`` (which is what
+re-running the same ``kdrun`` command does) restores it and continues with exactly
+the batches that had not been trained on, so the result is bit-identical to an
+uninterrupted run, whatever the interruption:
+
+* ``kill -9`` anywhere (a step, an evaluation, a checkpoint or best-model save):
+  the last complete checkpoint is replayed from, and every write is atomic;
+* Ctrl-C: the step under way finishes, a checkpoint of the state between two
+  steps is written (so no RNG draw of a half-done step leaks into it), and the
+  loop stops. During a dev evaluation Ctrl-C stops at once; the evaluation is
+  recorded as due and is the first thing a resumed run does. A second Ctrl-C
+  stops at once, keeping the last checkpoint;
+* a finished loop leaves ``outcome.json``: running it again returns that.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -48,8 +59,18 @@ logger = logging.getLogger(__name__)
 
 LossOutput = torch.Tensor | tuple[torch.Tensor, dict[str, float]]
 
-# Test hook: the process kills itself (SIGKILL, like `kill -9`) right after this optimizer step.
-FAULT_ENV = "KDRUN_FAULT_AFTER_STEP"
+# Test hook: ``<kill|interrupt>@<point>:<step>[:<loop>]`` sends the process SIGKILL (like ``kill -9``) or SIGINT
+# (Ctrl-C) at one of FAULT_POINTS of that optimizer step of the first loop whose description starts with <loop>
+# (any loop when omitted), e.g. ``kill@step:40`` or ``interrupt@eval:60:task_distill step 2``.
+FAULT_ENV = "KDRUN_FAULT"
+FAULT_POINTS = (
+    "step",  # right after the optimizer step
+    "forward",  # in the forward pass of the next step (the RNG partly used by it)
+    "eval",  # inside the dev evaluation at this step
+    "checkpoint",  # inside the checkpoint write at this step (its files written, not yet published)
+    "save_best",  # inside the best-model save at this step (written, not yet published)
+)
+OUTCOME_FILE = "outcome.json"
 
 
 @dataclass
@@ -158,8 +179,9 @@ def planned_steps(num_batches_per_epoch: int, cfg: TrainConfig) -> tuple[int, in
 class _Checkpoints:
     """Atomic full-state checkpoints in ``<work_dir>/checkpoint``."""
 
-    def __init__(self, accelerator: Accelerator, work_dir: Path):
+    def __init__(self, accelerator: Accelerator, work_dir: Path, description: str = ""):
         self.accelerator = accelerator
+        self.description = description  # the loop's, for fault injection
         self.current = work_dir / "checkpoint"
         self.partial = work_dir / "checkpoint.partial"
         self.previous = work_dir / "checkpoint.previous"
@@ -178,7 +200,9 @@ class _Checkpoints:
         accelerator.save_state(str(self.partial))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (self.partial / "progress.json").write_text(json.dumps(progress))
+            _inject_fault("checkpoint", progress["step"], self.description)
+            # progress.json is what marks a checkpoint complete: written last, atomically.
+            _write_json_atomically(self.partial / "progress.json", progress)
             if self.current.exists():
                 if self.previous.exists():
                     shutil.rmtree(self.previous)
@@ -197,6 +221,100 @@ class _Checkpoints:
             for path in (self.current, self.partial, self.previous):
                 if path.exists():
                     shutil.rmtree(path)
+
+
+def _write_json_atomically(path: Path, value: Any) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(value, default=str))
+    os.replace(temporary, path)
+
+
+def _inject_fault(point: str, step: int, loop: str) -> None:
+    """Fault injection for the tests (``KDRUN_FAULT``, see FAULT_POINTS); free when unset."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    action, _, where = spec.partition("@")
+    fault_point, fault_step, fault_loop = (where.split(":", 2) + [""])[:3]
+    if fault_point == point and int(fault_step) == step and loop.startswith(fault_loop):
+        os.environ.pop(FAULT_ENV)  # once per process, like a real fault
+        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGINT)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from (dropout, masking, sampling)."""
+    import random
+
+    import numpy as np
+
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _CtrlC:
+    """Ctrl-C (SIGINT) while training: honoured at the next point between two steps, not in the middle of one.
+
+    A step interrupted half-way has drawn from the RNG and accumulated gradients
+    that no checkpoint can describe, and an interrupted save could record a best
+    model that was never written. So the first Ctrl-C is only noted (the step, its
+    evaluation and saves finish), and the loop stops at the next safe point. Inside
+    ``immediate()`` (a dev evaluation, which changes no state) it stops at once. A
+    second Ctrl-C stops at once anywhere, keeping the last complete checkpoint.
+    Outside the main thread (where Python delivers no signals) this does nothing.
+    """
+
+    def __init__(self, description: str):
+        self.description = description
+        self.requested = False
+        self._immediate = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_CtrlC":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested or self._immediate:
+            self.requested = True
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("%s: Ctrl-C: stopping after this step (press Ctrl-C again to stop at once).", self.description)
+
+    @contextlib.contextmanager
+    def immediate(self) -> Any:
+        self._immediate = True
+        try:
+            if self.requested:
+                raise KeyboardInterrupt
+            yield
+        finally:
+            self._immediate = False
+
+
+class _Interrupted(KeyboardInterrupt):
+    """Raised at a safe point after Ctrl-C, once the state is checkpointed."""
 
 
 def _improved(value: float, best: float | None, greater_is_better: bool) -> bool:
@@ -220,16 +338,31 @@ def _progress_bar(enabled: bool) -> Progress:
     )
 
 
-class _TrainingLoop:
-    """One call of :func:`train`: the prepared objects, the resumable ``state`` and the loop over it.
+def _fresh_state() -> dict[str, Any]:
+    """What a checkpoint adds to the model, optimizer, scheduler and RNG states: everything else a later step,
+    a later evaluation or the outcome depends on."""
+    return {
+        "step": 0,
+        "epoch": 0,
+        "batches_done": 0,  # in the current epoch
+        "best": None,
+        "best_metrics": None,
+        "history": [],
+        "evaluated_step": -1,  # the step of the last completed evaluation
+        "eval_due": None,  # a step whose evaluation was interrupted: redone first on resume
+        "last_metrics": {},
+        # Loss averaged over log_every_steps: its partial sums, so the logged history is the same after a resume.
+        "window": {"loss": 0.0, "count": 0, "terms": {}},
+    }
 
-    ``state`` (step, epoch, batches done in the epoch, best score, history) is
-    all that a checkpoint adds to the model, optimizer, scheduler and RNG states.
-    """
+
+class _TrainingLoop:
+    """One call of :func:`train`: the prepared objects, the resumable ``state`` and the loop over it."""
 
     def __init__(self, job: TrainingJob, cfg: TrainConfig, device: DeviceConfig, work_dir: Path, precision: Precision | None = None):
         work_dir.mkdir(parents=True, exist_ok=True)
         self.job, self.cfg, self.precision = job, cfg, precision or resolve_precision(device)
+        self.work_dir = work_dir
         self.accelerator = get_accelerator(device)
         _forget_earlier_trainings(self.accelerator)
         seed_everything(cfg.seed)
@@ -249,49 +382,50 @@ class _TrainingLoop:
         self.scaler = torch.amp.GradScaler(self.precision.device_type) if self.precision.needs_grad_scaler else None
         if self.scaler is not None:
             self.accelerator.register_for_checkpointing(self.scaler)
-        self.checkpoints = _Checkpoints(self.accelerator, work_dir)
+        self.checkpoints = _Checkpoints(self.accelerator, work_dir, job.description)
         self.model_dir = work_dir / "model"
         self.eval_every = cfg.eval_every_steps  # None: only at the end of each epoch
-        self.last_eval_step = -1
-        self.last_metrics: dict[str, float] = {}
-        self.fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
-        self.state: dict[str, Any] = {
-            "step": 0, "epoch": 0, "batches_done": 0, "best": None, "best_metrics": None, "history": []
-        }
+        self.state = _fresh_state()
         found = self.checkpoints.latest()
         if found is not None:
-            self.state = self.checkpoints.load(found)
+            self.state = {**_fresh_state(), **self.checkpoints.load(found)}
             logger.info("Resuming %s from step %d/%d (%s).", job.description, self.state["step"], self.total_steps, found)
         self.resumed_from = self.state["step"]
-        # The position that matches the weights: micro-batches accumulated since the last update don't count.
-        self.consistent_batches_done = self.state["batches_done"]
-        self.updating = False
+        self.checkpointed_step = self.state["step"] if found is not None else -1
         self.examples_seen, self.tokens_seen, self.train_seconds = 0, 0, 0.0
-        self.window_loss, self.window_count = 0.0, 0
-        self.window_terms: dict[str, float] = {}  # loss components, for distillation objectives
+        self.ctrl_c = _CtrlC(job.description)
         self.progress = _progress_bar(self.accelerator.is_local_main_process)
         self.bar: Any = None
 
     def run(self) -> TrainOutcome:
         self.model.train()
-        try:
-            with self.progress:
-                self.bar = self.progress.add_task(
-                    self.job.description, total=self.total_steps, completed=self.state["step"], loss=0.0, speed=0.0
-                )
-                while self.state["step"] < self.total_steps:
-                    self._epoch()
-        except KeyboardInterrupt:
-            self._save_on_interrupt()
-            raise
-        if self.job.keep_best and self.state["best_metrics"] is None and any("not_selectable_because" in h for h in self.state["history"]):
+        with self.ctrl_c, self.progress:
+            self.bar = self.progress.add_task(
+                self.job.description, total=self.total_steps, completed=self.state["step"], loss=0.0, speed=0.0
+            )
+            if self.state["eval_due"] is not None:  # interrupted during an evaluation: it comes first
+                self._evaluate_and_keep_best()
+            while self.state["step"] < self.total_steps:
+                self._epoch()
+            self._finish()
+        return self._outcome()
+
+    def _finish(self) -> None:
+        state = self.state
+        if self.job.keep_best and state["best_metrics"] is None and any("not_selectable_because" in h for h in state["history"]):
             # Every evaluation was ruled out: the last step's model is kept, and its scores reported as such.
             logger.warning("%s: no evaluation could be kept as the best model; keeping the last step's.", self.job.description)
-            self.state["best_metrics"] = {"step": self.state["step"], **self.last_metrics}
             self._save_model()
-        elif self.state["best_metrics"] is None or not self.job.keep_best or not self.model_dir.exists():
+            state["best_metrics"] = {"step": state["step"], **state["last_metrics"]}
+        elif state["best_metrics"] is None or not self.job.keep_best or not self.model_dir.exists():
             self._save_model()
+        if self.accelerator.is_main_process:
+            record = {k: v for k, v in dataclasses.asdict(self._outcome()).items() if k != "model_dir"}
+            _write_json_atomically(self.work_dir / OUTCOME_FILE, record)
+        self.accelerator.wait_for_everyone()
         self.checkpoints.remove()
+
+    def _outcome(self) -> TrainOutcome:
         return TrainOutcome(
             model_dir=self.model_dir,
             global_step=self.state["step"],
@@ -306,42 +440,47 @@ class _TrainingLoop:
 
     def _epoch(self) -> None:
         state, cfg, accelerator = self.state, self.cfg, self.accelerator
+        # Through the loader, not the sampler alone: accelerate's loader sets its own epoch counter on the sampler
+        # at each pass, and that counter restarts at 0 in a resumed process.
+        self.loader.set_epoch(state["epoch"])
         self.sampler.set_epoch(state["epoch"])
         skip = state["batches_done"]
         batches = accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
         started = time.perf_counter()
+        window = state["window"]
         for batch_index, batch in enumerate(batches, start=skip):
             is_update = (batch_index + 1) % cfg.grad_accum_steps == 0 or batch_index + 1 == len(self.loader)
             with accelerator.no_sync(self.model) if not is_update else contextlib.nullcontext():
                 with self.precision.training_forward():  # forwards in low precision; loss terms cast to fp32 themselves
                     output = self.job.compute_loss(self.model, batch)
+                    _inject_fault("forward", state["step"], self.job.description)
                 loss, terms = output if isinstance(output, tuple) else (output, {})
                 loss = loss.float()
                 scaled = loss / cfg.grad_accum_steps
                 accelerator.backward(self.scaler.scale(scaled) if self.scaler is not None else scaled)
-            self.window_loss += float(loss.detach())
-            self.window_count += 1
+            window["loss"] += float(loss.detach())
+            window["count"] += 1
             for name, value in terms.items():
-                self.window_terms[name] = self.window_terms.get(name, 0.0) + value
+                window["terms"][name] = window["terms"].get(name, 0.0) + value
             self.examples_seen += int(batch["input_ids"].shape[0]) * accelerator.num_processes
             if "attention_mask" in batch:
                 self.tokens_seen += int(batch["attention_mask"].sum()) * accelerator.num_processes
-            state["batches_done"] = batch_index + 1
             if not is_update:
                 continue
             self._update()
+            state["batches_done"] = batch_index + 1
             self.train_seconds += time.perf_counter() - started
             self._after_update()
             started = time.perf_counter()
             if state["step"] >= self.total_steps:
                 return
         state["epoch"] += 1
-        state["batches_done"] = self.consistent_batches_done = 0
-        if self.last_eval_step != state["step"]:  # every epoch ends with an evaluation
+        state["batches_done"] = 0
+        if state["evaluated_step"] != state["step"]:  # every epoch ends with an evaluation
             self._evaluate_and_keep_best()
+        self._stop_if_interrupted()
 
     def _update(self) -> None:
-        self.updating = True
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
@@ -354,18 +493,18 @@ class _TrainingLoop:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state["step"] += 1
-        self.consistent_batches_done = self.state["batches_done"]
-        self.updating = False
 
     def _after_update(self) -> None:
         """Progress, logging, evaluation and checkpoints: everything that is not training time."""
         state, cfg = self.state, self.cfg
         step = state["step"]
+        _inject_fault("step", step, self.job.description)
+        window = state["window"]
         speed = self.examples_seen / max(self.train_seconds, 1e-9)
-        loss = self.window_loss / max(self.window_count, 1)
+        loss = window["loss"] / max(window["count"], 1)
         self.progress.update(self.bar, completed=step, loss=loss, speed=speed)
         if step % cfg.log_every_steps == 0:
-            terms = {name: total / max(self.window_count, 1) for name, total in self.window_terms.items() if name != "total"}
+            terms = {name: total / max(window["count"], 1) for name, total in window["terms"].items() if name != "total"}
             state["history"].append({"step": step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], **terms})
             tracking.current().log_metrics(
                 {f"{self.job.description}/{name}": value for name, value in state["history"][-1].items() if name != "step"}, step
@@ -373,52 +512,74 @@ class _TrainingLoop:
             # On a terminal the progress bar shows this; in a log file (nohup, CI, SLURM) a line does.
             log = logger.debug if self.progress.console.is_terminal else logger.info
             log("step %d/%d loss %.4f lr %.3g %.1f ex/s", step, self.total_steps, loss, self.scheduler.get_last_lr()[0], speed)
-            self.window_loss, self.window_count, self.window_terms = 0.0, 0, {}
+            window.update(loss=0.0, count=0, terms={})
         if (self.eval_every and step % self.eval_every == 0) or step == self.total_steps:
             self._evaluate_and_keep_best()
         if step % cfg.checkpoint_every_steps == 0 and step < self.total_steps:
-            self.checkpoints.save(state)
-        if self.fault_step and step == self.fault_step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._checkpoint()
+        self._stop_if_interrupted()
+
+    def _checkpoint(self) -> None:
+        self.checkpoints.save(self.state)
+        self.checkpointed_step = self.state["step"]
+
+    def _stop_if_interrupted(self) -> None:
+        """At a point between two steps: after Ctrl-C, checkpoint this state and stop."""
+        requested = self.ctrl_c.requested
+        if self.accelerator.num_processes > 1:  # every rank stops at the same step
+            flag = torch.tensor([int(requested)], device=self.accelerator.device)
+            requested = bool(self.accelerator.reduce(flag, reduction="max").item())
+        if not requested:
+            return
+        if self.checkpointed_step != self.state["step"] or self.state["eval_due"] is not None:
+            self._checkpoint()
+        logger.warning("Interrupted at step %d: state saved; run the same command again to resume.", self.state["step"])
+        raise _Interrupted
 
     def _evaluate_and_keep_best(self) -> None:
         job, state = self.job, self.state
         if job.evaluate is None:
             return
-        self.last_eval_step = state["step"]
+        state["eval_due"] = state["step"]
+        rng = _rng_state()  # what the checkpoint must hold if the evaluation is interrupted
         self.model.eval()
-        with self.precision.autocast():  # dev scores in the precision the model is trained and kept in
-            evaluation = job.evaluate(self.precision.inference_model(self.accelerator.unwrap_model(self.model)))
-        self.model.train()
+        try:
+            with self.ctrl_c.immediate(), self.precision.autocast():  # dev scores in the precision the model is trained in
+                evaluation = job.evaluate(self.precision.inference_model(self.accelerator.unwrap_model(self.model)))
+                _inject_fault("eval", state["step"], job.description)
+        except KeyboardInterrupt:
+            _set_rng_state(rng)
+            self._checkpoint()
+            logger.warning(
+                "Interrupted during the evaluation at step %d: state saved; it is redone first when the same command runs again.",
+                state["step"],
+            )
+            raise _Interrupted from None
+        finally:
+            self.model.train()
         metrics, reason = evaluation.metrics, evaluation.not_selectable_because
-        self.last_metrics = metrics
         entry: dict[str, Any] = {"step": state["step"], "epoch": state["epoch"], **{f"eval_{k}": v for k, v in metrics.items()}}
         if reason:
             entry["not_selectable_because"] = reason
-        state["history"].append(entry)
         tracking.current().log_metrics({f"{job.description}/eval_{k}": v for k, v in metrics.items()}, state["step"])
         logger.info("step %d: %s", state["step"], ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         value = metrics[job.best_metric] if job.best_metric else None
-        if not job.keep_best or value is None:
-            return
-        if reason:
-            logger.warning("step %d cannot be kept as the best model: %s.", state["step"], reason)
-        elif _improved(value, state["best"], job.greater_is_better):
-            state["best"], state["best_metrics"] = value, {"step": state["step"], **metrics}
-            self._save_model()
+        if job.keep_best and value is not None:
+            if reason:
+                logger.warning("step %d cannot be kept as the best model: %s.", state["step"], reason)
+            elif _improved(value, state["best"], job.greater_is_better):
+                self._save_model()  # first: a best score is recorded only for weights that are on disk
+                state["best"], state["best_metrics"] = value, {"step": state["step"], **metrics}
+        state["history"].append(entry)
+        state["last_metrics"] = metrics
+        state["evaluated_step"] = state["step"]
+        state["eval_due"] = None
 
     def _save_model(self) -> None:
         if self.accelerator.is_main_process:
-            _save_atomically(self.job.save_model, self.accelerator.unwrap_model(self.model), self.model_dir)
+            model = self.accelerator.unwrap_model(self.model)
+            _save_atomically(self.job.save_model, model, self.model_dir, lambda: _inject_fault("save_best", self.state["step"], self.job.description))
         self.accelerator.wait_for_everyone()
-
-    def _save_on_interrupt(self) -> None:
-        """Ctrl-C between updates keeps the progress made since the last periodic checkpoint."""
-        if self.updating:
-            return
-        self.state["batches_done"] = self.consistent_batches_done
-        self.checkpoints.save(self.state)
-        logger.warning("Interrupted at step %d: state saved; run the same command again to resume.", self.state["step"])
 
 
 def train(
@@ -427,15 +588,31 @@ def train(
     """Train ``job.model`` in ``work_dir``, resuming from a checkpoint found there.
 
     ``precision``: what forwards run in (default: what ``device.precision`` resolves to here).
+    When ``work_dir`` holds the outcome of a finished loop (a re-run after an interruption
+    later in the stage), that outcome is returned without training again.
     """
+    done = work_dir / OUTCOME_FILE
+    if done.is_file():
+        logger.info("%s: already trained in %s.", job.description, work_dir)
+        return TrainOutcome(**{**json.loads(done.read_text()), "model_dir": work_dir / "model"})
     return _TrainingLoop(job, cfg, device, work_dir, precision).run()
 
 
-def _save_atomically(save_model: Callable[[torch.nn.Module, Path], None], model: torch.nn.Module, target: Path) -> None:
+def _save_atomically(
+    save_model: Callable[[torch.nn.Module, Path], None], model: torch.nn.Module, target: Path, written: Callable[[], None]
+) -> None:
+    """Write the new model beside the old one, then swap: at every instant one complete model is on disk
+    (``target``, or ``<target>.previous`` during the swap)."""
     partial = target.with_name(target.name + ".partial")
+    previous = target.with_name(target.name + ".previous")
     if partial.exists():
         shutil.rmtree(partial)
     save_model(model, partial)
+    written()
     if target.exists():
-        shutil.rmtree(target)
+        if previous.exists():
+            shutil.rmtree(previous)
+        target.rename(previous)
     partial.rename(target)
+    if previous.exists():
+        shutil.rmtree(previous)

@@ -104,34 +104,39 @@ def test_regression_task_and_test_predictions(run_kdrun, tiny_bert_dir, glue_dir
 
 
 def test_killed_run_resumes_to_identical_weights(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> None:
+    """A real ``kill -9`` in the second epoch (10 updates an epoch), resumed from a checkpoint inside that epoch."""
     overrides = (
         "experiment=teacher_sst2",
         f"teacher.path={tiny_bert_dir}",
         f"data.glue_dir={glue_dir}",
         *TINY_RUN,
         "data.max_train_examples=160",
-        "finetune_teacher.train.max_steps=12",
+        "finetune_teacher.train.epochs=2",
+        "finetune_teacher.train.max_steps=18",
         "finetune_teacher.train.batch_size=8",
         "finetune_teacher.train.checkpoint_every_steps=4",
         "finetune_teacher.train.eval_every_steps=5",
         "finetune_teacher.train.grad_accum_steps=2",
-        "finetune_teacher.keep_best=false",
     )
     uninterrupted_cache = tmp_path / "cache-uninterrupted"
     (tmp_path / "u").mkdir()
     run_kdrun(*overrides, cwd=tmp_path / "u", env={"KDRUN_CACHE_DIR": str(uninterrupted_cache)})
 
     (tmp_path / "k").mkdir()
-    killed = run_kdrun(*overrides, cwd=tmp_path / "k", env={"KDRUN_FAULT_AFTER_STEP": "10"}, check=False)
+    killed = run_kdrun(*overrides, cwd=tmp_path / "k", env={"KDRUN_FAULT": "kill@step:14"}, check=False)
     assert killed.returncode == -9  # SIGKILL, as `kill -9`
     [partial] = list((tmp_path / "cache" / "finetune_teacher").glob("*.partial"))
-    assert json.loads((partial / "checkpoint" / "progress.json").read_text())["step"] == 8
+    progress = json.loads((partial / "checkpoint" / "progress.json").read_text())
+    assert (progress["step"], progress["epoch"], progress["batches_done"]) == (12, 1, 4)
 
     (tmp_path / "r").mkdir()
     resumed = run_kdrun(*overrides, cwd=tmp_path / "r")
     assert "resuming" in (resumed.stdout + resumed.stderr).lower()
     summary = _results(tmp_path / "r")["stages"]["finetune_teacher"]
-    assert summary["cache"] == "resumed" and summary["summary"]["resumed_from_step"] == 8
+    assert summary["cache"] == "resumed" and summary["summary"]["resumed_from_step"] == 12
+    reference_summary = _results(tmp_path / "u")["stages"]["finetune_teacher"]["summary"]
+    assert summary["summary"]["history"] == reference_summary["history"]
+    assert summary["summary"]["best_dev"] == reference_summary["best_dev"]
 
     [done] = _cache_entries(tmp_path / "cache", "finetune_teacher")
     [reference] = _cache_entries(uninterrupted_cache, "finetune_teacher")

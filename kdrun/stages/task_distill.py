@@ -14,8 +14,6 @@ alone, so every student, ablation and seed of a sweep shares them. Output:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,7 @@ from kdrun.predict import main_metric_key, score_dev_sets
 from kdrun.stages import task_data
 from kdrun.stages.augment import load_augmented
 from kdrun.validation import check_tinybert_teacher
-from kdrun.train import TrainingJob, TrainOutcome, get_accelerator, seed_everything, train
+from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
 
 PREDICTION_TARGETS = ("teacher", "labels")
 STUDENT_KINDS = ("bert", "distilbert", "bilstm")
@@ -151,7 +149,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         wrapper = StudentWithProjections(student, projections)
         if "general_distill" in inputs:
             summary["projections_from_general"] = wrapper.load_projections(inputs["general_distill"].path / "model")
-        outcome = _train_once(
+        outcome = train(
             TrainingJob(
                 model=wrapper,
                 train_features=train_set,
@@ -181,7 +179,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
             )
             summary["teacher_logits"] = str(logits_path)
         seed_everything(cfg.task_distill.prediction.train.seed)
-        outcome = _train_once(
+        outcome = train(
             TrainingJob(
                 model=StudentWithProjections(student),
                 train_features=train_set,
@@ -199,7 +197,8 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         )
         summary["prediction"] = outcome.summary()
         summary["best_dev"] = outcome.best_metrics
-    outcome.model_dir.rename(out_dir / "model")
+    if not (out_dir / "model").exists():  # else a re-run after an interruption already moved it
+        outcome.model_dir.rename(out_dir / "model")
     summary["parameters"] = sum(p.numel() for p in student.parameters())
     return summary
 
@@ -214,17 +213,6 @@ def _teacher_logits_path(cfg: DictConfig, inputs: dict[str, StageOutput]) -> Pat
     sources = {name: inputs[name].key for name in ("finetune_teacher", "augment") if name in inputs}
     key = stage_key("teacher_logits", "1", rows, sources)
     return cache_root_of(inputs["finetune_teacher"]) / "teacher_logits" / f"{key}.safetensors"
-
-
-def _train_once(job: TrainingJob, settings: DictConfig, device: DictConfig, step_dir: Path) -> TrainOutcome:
-    """Train one step, or take its result when an interrupted run of this stage already finished it."""
-    done = step_dir / "outcome.json"
-    if done.is_file():
-        return TrainOutcome(**{**json.loads(done.read_text()), "model_dir": step_dir / "model"})
-    outcome = train(job, settings, device, step_dir)
-    record = {k: v for k, v in dataclasses.asdict(outcome).items() if k != "model_dir"}
-    done.write_text(json.dumps(record, default=str))
-    return outcome
 
 
 STAGE = register(
