@@ -10,7 +10,8 @@ from typing import Any
 
 import yaml
 
-RESULTS_FILE = "results.json"
+from kdrun.results import RESULTS_FILE, STATUS_FAILED
+
 REFERENCES_DIR = Path(__file__).resolve().parent / "references"
 
 
@@ -42,12 +43,46 @@ def find_results(paths: Iterable[Path]) -> list[Path]:
 
 
 def load_runs(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Every results.json under ``paths``, each with ``_path`` (its run directory). Failed runs are included
+    (see :func:`is_failed`): tables mark their cells rather than leave them out."""
     runs = []
     for path in find_results(paths):
         record = json.loads(path.read_text())
         record["_path"] = str(path.parent)
         runs.append(record)
     return runs
+
+
+def is_failed(run: dict[str, Any]) -> bool:
+    """A sweep job that stopped with an error: it has no metrics, only ``error``. Records written before
+    kdrun recorded a status are successful runs."""
+    return run.get("status") == STATUS_FAILED
+
+
+def one_line(text: str) -> str:
+    """An error message on one line (kdrun's validation lists one problem per line), for tables and logs."""
+    return " ".join(text.split())
+
+
+def sweep_jobs(sweep_dir: Path, runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The job directories of a sweep: where Hydra saved a job's config (``.hydra/``, written before the job
+    runs) or that hold a results.json. ``runs`` are the sweep's loaded runs (:func:`load_runs`)."""
+    started = {str(path.parent.parent) for path in sweep_dir.rglob(".hydra/config.yaml")}
+    return sorted(started | {run["_path"] for run in runs})
+
+
+def failed_jobs(sweep_dir: Path, runs: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """The failed jobs of a sweep, job directory -> what went wrong (on one line): its results.json says it
+    failed, or it has none (the job was killed before it could write one)."""
+    recorded = {run["_path"]: run for run in runs}
+    failures = {}
+    for job in sweep_jobs(sweep_dir, runs):
+        run = recorded.get(job)
+        if run is None:
+            failures[job] = f"no {RESULTS_FILE}: the job was killed or crashed before it could write one (see its log)"
+        elif is_failed(run):
+            failures[job] = one_line(str(run.get("error") or "no error message recorded"))
+    return failures
 
 
 def load_reference(name: str | None) -> dict[str, Any] | None:

@@ -2,7 +2,9 @@
 
 A table's rows and columns are fields of ``results.json`` (``report.rows`` /
 ``report.columns``, e.g. ``ablation`` x ``task``), its cells the mean (+- sample std
-over repeated runs such as seeds) of ``report.metric``. When ``report.reference``
+over repeated runs such as seeds) of ``report.metric``. A failed run (``status:
+failed``) is never averaged: its cell reads ``failed`` (or ``(n failed)`` after the
+mean of the runs that finished) and its error is listed below the table. When ``report.reference``
 names a YAML file of published numbers (``kdrun/report/references/<name>.yaml`` or a
 path), each cell gets the published value and the difference beside it. Every
 table is printed with rich and written as ``summary.csv``, ``summary.md`` and
@@ -28,7 +30,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kdrun.report.runs import ReportError, field_value, load_reference, load_runs
+from kdrun.report.runs import ReportError, field_value, is_failed, load_reference, load_runs, one_line
 
 DEFAULT_SETTINGS = {"rows": "ablation", "columns": "task", "metric": "main_score", "scale": 100.0, "reference": None, "relative_to": None}
 # Per-row measures shown after the score columns when the runs report them (mean over the row's runs).
@@ -46,6 +48,22 @@ EFFICIENCY_FIELDS = {
 
 ONE_CLASS_MARK = "†"
 ONE_CLASS_NOTE = f"{ONE_CLASS_MARK} a run whose model gives every example of a dev split the same class (a constant predictor)"
+FAILED_TEXT = "failed"
+FAILED_NOTE = f"{FAILED_TEXT}: a run of the cell stopped with an error; it has no score and is not in the mean"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed run: its cell, its run directory and its error, listed below the table."""
+
+    row: str
+    column: str
+    path: str
+    error: str
+
+    def line(self) -> str:
+        """One line, whatever the error's own line breaks."""
+        return f"{FAILED_TEXT}: {self.row} / {self.column} ({self.path}): {one_line(self.error)}"
 
 
 @dataclass
@@ -53,6 +71,7 @@ class Cell:
     values: list[float]
     published: float | None = None
     one_class_runs: int = 0  # how many of ``values`` come from a constant predictor (see ONE_CLASS_NOTE)
+    failed_runs: int = 0  # runs of this cell that stopped with an error (not in ``values``)
 
     @property
     def mean(self) -> float | None:
@@ -68,9 +87,10 @@ class Cell:
 
     def text(self) -> str:
         if self.mean is None:
-            return "-"
+            return FAILED_TEXT if self.failed_runs else "-"
         text = f"{self.mean:.2f} ± {self.std:.2f}" if self.std is not None else f"{self.mean:.2f}"
-        return f"{text} {ONE_CLASS_MARK}" if self.one_class_runs else text
+        text = f"{text} {ONE_CLASS_MARK}" if self.one_class_runs else text
+        return f"{text} ({self.failed_runs} {FAILED_TEXT})" if self.failed_runs else text
 
 
 @dataclass
@@ -83,11 +103,18 @@ class SweepTable:
     cells: dict[tuple[str, str], Cell]
     extras: dict[str, dict[str, float]] = field(default_factory=dict)  # measure -> row -> value
     reference: dict[str, Any] | None = None
+    failures: list[Failure] = field(default_factory=list)
 
     @property
     def notes(self) -> list[str]:
-        """What the marks in the cells mean; a table of constant predictors must say so."""
-        return [ONE_CLASS_NOTE] if any(cell.one_class_runs for cell in self.cells.values()) else []
+        """What the marks in the cells mean; a table of constant predictors or failed runs must say so."""
+        notes = [ONE_CLASS_NOTE] if any(cell.one_class_runs for cell in self.cells.values()) else []
+        return notes + ([FAILED_NOTE] if self.failures else [])
+
+    @property
+    def footer(self) -> list[str]:
+        """Everything printed below the table: the notes, then each failed run's error."""
+        return self.notes + [failure.line() for failure in self.failures]
 
     @property
     def has_reference(self) -> bool:
@@ -135,13 +162,17 @@ def build_table(runs: Sequence[dict[str, Any]], settings: dict[str, Any] | None 
     grouped: dict[tuple[str, str], list[float]] = {}
     one_class: dict[tuple[str, str], int] = {}
     per_row: dict[str, list[dict[str, Any]]] = {}
+    failures: list[Failure] = []
     for run in runs:
         row, column = str(field_value(run, row_field)), str(field_value(run, column_field))
-        value = field_value(run, metric)
-        if value is None:
+        failed, value = is_failed(run), field_value(run, metric)
+        if value is None and not failed:  # a run that does not report the metric
             continue
         rows += [row] if row not in rows else []
         columns += [column] if column not in columns else []
+        if failed:  # shown and listed, never averaged
+            failures.append(Failure(row, column, str(run.get("_path", "?")), str(run.get("error") or "no error message recorded")))
+            continue
         grouped.setdefault((row, column), []).append(float(value) * scale)
         one_class[(row, column)] = one_class.get((row, column), 0) + bool(run.get("predicts_one_class"))
         per_row.setdefault(row, []).append(run)
@@ -149,6 +180,9 @@ def build_table(runs: Sequence[dict[str, Any]], settings: dict[str, Any] | None 
         grouped = _relative(grouped, str(chosen["relative_to"]), columns)
     reference = load_reference(chosen["reference"])
     cells = {key: Cell(values, _published(reference, *key), one_class[key]) for key, values in grouped.items()}
+    for failure in failures:
+        key = (failure.row, failure.column)
+        cells.setdefault(key, Cell([], _published(reference, *key))).failed_runs += 1
     extras: dict[str, dict[str, float]] = {}
     for name, (paths, factor) in EFFICIENCY_FIELDS.items():
         measured = {row: [v * factor for v in (_first_field(r, paths) for r in members) if v is not None] for row, members in per_row.items()}
@@ -160,7 +194,7 @@ def build_table(runs: Sequence[dict[str, Any]], settings: dict[str, Any] | None 
     heading = title or f"{experiment}: {metric} ({'x100, ' if scale == 100 else ''}mean ± std over runs)"
     if reference:
         heading += f" vs {reference.get('source', chosen['reference'])} [{reference.get('split', '?')}]"
-    return SweepTable(heading, row_field, column_field, rows, columns, cells, extras, reference)
+    return SweepTable(heading, row_field, column_field, rows, columns, cells, extras, reference, failures)
 
 
 def _relative(grouped: dict[tuple[str, str], list[float]], base_row: str, columns: list[str]) -> dict[tuple[str, str], list[float]]:
@@ -194,12 +228,16 @@ def _published(reference: dict[str, Any] | None, row: str, column: str) -> float
 
 
 def print_table(table: SweepTable, console: Console | None = None) -> None:
+    """The table with its notes as caption, then one line per failed run (too long for a caption)."""
     rich_table = Table(title=table.title, caption="\n".join(table.notes) or None)
     for index, name in enumerate(table.header()):
         rich_table.add_column(name, justify="left" if index == 0 else "right")
     for line in table.body():
         rich_table.add_row(*line)
-    (console or wide_console()).print(rich_table)
+    console = console or wide_console()
+    console.print(rich_table)
+    for failure in table.failures:
+        console.print(failure.line(), markup=False, highlight=False)
 
 
 def wide_console() -> Console:
@@ -213,7 +251,8 @@ def to_markdown(table: SweepTable) -> str:
     header = table.header()
     lines = [f"**{table.title}**", "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(line) + " |" for line in table.body()]
-    lines += ["", *table.notes] if table.notes else []
+    if table.footer:  # one paragraph per note and per failed run
+        lines += ["", "\n\n".join(table.footer)]
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +263,7 @@ def _latex_escape(text: str) -> str:
 
 
 def to_latex(table: SweepTable) -> str:
+    """The table with its notes as caption; failed runs' errors stay in summary.md (long, and not TeX)."""
     header = table.header()
     lines = [
         r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
@@ -239,14 +279,15 @@ def write_csv(table: SweepTable, path: Path) -> None:
     """Long format: one line per cell, machine-readable (mean, std, n, published, difference)."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([table.row_field, table.column_field, "mean", "std", "n", "published", "difference", "one_class_runs"])
+        writer.writerow([table.row_field, table.column_field, "mean", "std", "n", "published", "difference", "one_class_runs", "failed_runs"])
         for row in table.rows:
             for column in table.columns:
                 cell = table.cells.get((row, column))
                 if cell is None:
                     continue
                 writer.writerow(
-                    [row, column, _number(cell.mean), _number(cell.std), len(cell.values), _number(cell.published), _number(cell.difference), cell.one_class_runs]
+                    [row, column, _number(cell.mean), _number(cell.std), len(cell.values), _number(cell.published), _number(cell.difference), cell.one_class_runs,
+                     cell.failed_runs]
                 )
 
 
@@ -294,15 +335,13 @@ def training_histories(run: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def _pareto_points(table: SweepTable, x_name: str) -> list[tuple[str, float, float]]:
-    """(row label, x, score) per row, for the first column that has a score (a sweep over models of one task)."""
+    """(row label, x, score) per row, for the first column (a sweep over models of one task); rows whose cell
+    has no score (all its runs failed) are left out."""
     if x_name not in table.extras or not table.columns:
         return []
     column = table.columns[0]
-    return [
-        (row, table.extras[x_name][row], table.cells[(row, column)].mean)
-        for row in table.rows
-        if row in table.extras[x_name] and (row, column) in table.cells
-    ]
+    scores = {row: table.cells[(row, column)].mean for row in table.rows if (row, column) in table.cells}
+    return [(row, table.extras[x_name][row], score) for row, score in scores.items() if row in table.extras[x_name] and score is not None]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -323,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         written = write_report(runs, args.out or args.paths[0], settings)
     except ReportError as error:
         raise SystemExit(f"kdrun.report: {error}") from None
-    Console().print(f"{len(runs)} runs; wrote " + ", ".join(str(p) for p in written.values()))
+    failed = sum(is_failed(run) for run in runs)
+    Console().print(f"{len(runs)} runs{f' ({failed} failed)' if failed else ''}; wrote " + ", ".join(str(p) for p in written.values()))
 
 
 if __name__ == "__main__":
