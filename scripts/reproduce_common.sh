@@ -15,9 +15,13 @@ experiments_for() {
 reproduce() {
     local table=$1 reference=$2 rows=$3
     shift 3
-    local sweep_dir="outputs/multirun/reproduce_${table}/$(date +%Y-%m-%d_%H-%M-%S)"
+    # The pid: two scripts started in the same second get two sweep directories.
+    local sweep_dir="outputs/multirun/reproduce_${table}/$(date +%Y-%m-%d_%H-%M-%S)_$$" status=0
     case " $* " in *" scale="*) ;; *) set -- "$@" scale=cpu ;; esac
-    kdrun -m "hydra.sweep.dir=${sweep_dir}" "report.rows=${rows}" "report.reference=${reference}" "$@"
+    # kdrun exits non-zero when a job failed, after writing the table (failed cells marked): render it anyway.
+    kdrun -m "hydra.sweep.dir=${sweep_dir}" "report.rows=${rows}" "report.reference=${reference}" "$@" || status=$?
     python -m kdrun.report "$sweep_dir" --rows "$rows" --reference "$reference"
     echo "Table written to ${sweep_dir}/summary.md (and .csv, .tex)"
+    if (( status != 0 )); then echo "kdrun exited with status ${status}: some jobs failed (see the table)." >&2; fi
+    return "$status"
 }
