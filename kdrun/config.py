@@ -361,6 +361,10 @@ class CacheConfig:
     force: list[str] = field(default_factory=list)
     # Seconds to wait for another process computing the same stage (null = forever).
     lock_timeout: Optional[float] = None
+    # How a cache hit is checked against the file list its stage.json was published with: ``size`` (every file
+    # present with its size), ``full`` (and its SHA-256), ``auto`` (full up to 2 GiB an entry, size above).
+    # A damaged entry is moved aside and computed again.
+    verify: str = "auto"
 
 
 @dataclass

@@ -1,11 +1,17 @@
 """The stage graph: which stages run, their cache keys, the cache, and its locks.
 
 A stage's output lives in ``<cache.dir>/<stage>/<key>/`` where ``key`` hashes the
-config slice the stage declares it reads plus the keys of the stages it
+config slice the stage declares it reads, the content of the data it reads
+(``Stage.sources``, ``kdrun/fingerprint.py``) and the keys of the stages it
 consumes. It is computed in ``<key>.partial/`` (where an interrupted run's
 checkpoints survive, so re-running resumes), guarded by ``<key>.lock`` so that
 two processes never compute it twice, and renamed into place when complete.
 Nothing in the cache is ever overwritten in place.
+
+Every published entry's ``stage.json`` lists its files with their sizes and
+SHA-256. A hit is verified against it before use (``cache.verify``): a damaged
+entry (a file missing, truncated or changed) is reported, moved aside to
+``<key>.damaged-<time>`` and computed again, never used.
 """
 
 from __future__ import annotations
@@ -13,19 +19,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import filelock
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun import __version__
 from kdrun.config import to_container
+
+if TYPE_CHECKING:
+    from kdrun.fingerprint import HashMemo
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +78,9 @@ class Stage:
     ``uses_precision``: whether (given the config) the stage computes in the run's
     precision, so that it joins the key: a bf16-trained teacher is another artefact
     than an fp32 one. The resolved precision (never ``auto``) is what is keyed.
+    ``sources``: the data it reads from outside the cache (names in
+    ``kdrun.fingerprint.SOURCES``: ``glue``, ``corpus``, ``teacher``, ...); their
+    content hashes join the key.
     """
 
     name: str
@@ -82,6 +95,7 @@ class Stage:
     check: Callable[[DictConfig], None] | None = None
     version: str = "1"
     uses_precision: bool | Callable[[DictConfig], bool] = True
+    sources: tuple[str, ...] = ()
 
 
 @dataclass
@@ -129,6 +143,7 @@ def stage_key(name: str, version: str, slice_: dict[str, Any], input_keys: dict[
 
 
 PRECISION_KEY = "device.precision"
+SOURCES_KEY = "sources"
 
 
 def _precision_name(cfg: DictConfig) -> str:
@@ -144,8 +159,12 @@ def _uses_precision(stage: Stage, cfg: DictConfig) -> bool:
     return stage.uses_precision(cfg) if callable(stage.uses_precision) else stage.uses_precision
 
 
-def plan(cfg: DictConfig) -> list[PlannedStage]:
-    """Check the stage list and compute every key, before any work is done."""
+def plan(cfg: DictConfig, memo: "HashMemo | None" = None) -> list[PlannedStage]:
+    """Check the stage list and compute every key, before any work is done.
+
+    ``memo``: the file hashes known so far (``kdrun/fingerprint.py``); by default those remembered
+    in the cache, and nothing is written (planning alone leaves no trace).
+    """
     from kdrun.validation import validate_config
 
     validate_config(cfg)
@@ -161,6 +180,9 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
         if forced not in names:
             raise PipelineError(f"cache.force names '{forced}', which is not in pipeline.stages {names}.")
     names = _needed(cfg, names, stages)
+    from kdrun.fingerprint import HashMemo, fingerprint_sources
+
+    memo = memo or HashMemo(cache_root(cfg))
     planned: list[PlannedStage] = []
     keys: dict[str, str] = {}
     for position, name in enumerate(names):
@@ -178,9 +200,15 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
         slice_ = config_slice(cfg, stage.reads)
         if _uses_precision(stage, cfg):
             slice_[PRECISION_KEY] = precision
+        if stage.sources:
+            slice_[SOURCES_KEY] = fingerprint_sources(cfg, stage.sources, memo)
         keys[name] = stage_key(name, stage.version, slice_, {i: keys[i] for i in inputs})
         planned.append(PlannedStage(stage, inputs, keys[name], slice_))
     return planned
+
+
+def cache_root(cfg: DictConfig) -> Path:
+    return Path(cfg.cache.dir).expanduser().resolve()
 
 
 def _wanted(cfg: DictConfig, stage: Stage, name: str) -> bool:
@@ -204,8 +232,45 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
     return json.loads(manifest.read_text()) if manifest.is_file() else None
 
 
+VERIFY_MODES = ("auto", "size", "full")
+# cache.verify=auto hashes entries up to this size on every hit (about 1 s a GB here) and checks sizes above it.
+AUTO_HASH_LIMIT_BYTES = 2 << 30
+
+
+def entry_files(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {size, sha256}}`` of every file of a computed entry but its manifest."""
+    from kdrun.fingerprint import sha256_of
+
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = str(path.relative_to(directory))
+        if name != MANIFEST:
+            files[name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+    return files
+
+
+def damage(directory: Path, manifest: dict[str, Any], mode: str) -> str | None:
+    """What is wrong with a published entry (None: it is what was published). ``mode``: see VERIFY_MODES."""
+    from kdrun.fingerprint import sha256_of
+
+    files = manifest.get("files")
+    if files is None:
+        return f"its {MANIFEST} lists no files (written by an older kdrun, which did not record them)"
+    hash_them = mode == "full" or (mode == "auto" and sum(f["size"] for f in files.values()) <= AUTO_HASH_LIMIT_BYTES)
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size:,} bytes, not the {expected['size']:,} it was published with"
+        if hash_them and sha256_of(path) != expected["sha256"]:
+            return f"{name} is not the file that was published (its SHA-256 differs)"
+    return None
+
+
 class StageCache:
-    """``<root>/<stage>/<key>`` directories, computed under a lock and published by rename.
+    """``<root>/<stage>/<key>`` directories, computed under a lock, published by rename and verified when reused.
 
     Under DDP (``accelerate launch`` / ``torchrun``) every rank runs the same
     pipeline: the main rank takes the lock and decides hit or compute, all ranks
@@ -214,10 +279,13 @@ class StageCache:
     ``is_main_process`` and ``wait_for_everyone``; None means a single process.
     """
 
-    def __init__(self, root: Path, lock_timeout: float | None = None, group: Any = None):
+    def __init__(self, root: Path, lock_timeout: float | None = None, group: Any = None, verify: str = "auto"):
+        if verify not in VERIFY_MODES:
+            raise PipelineError(f"cache.verify must be one of {VERIFY_MODES}, got '{verify}'.")
         self.root = root
         self.lock_timeout = -1 if lock_timeout is None else lock_timeout
         self.group = group
+        self.verify = verify
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -241,25 +309,46 @@ class StageCache:
 
         return broadcast_object_list([decision])[0]
 
+    def _usable(self, name: str, key: str, locked: bool) -> dict[str, Any] | None:
+        """The manifest of a published entry that passes verification. Holding the lock, a damaged entry is moved
+        aside (so that it is computed again); without it, it is only reported as unusable."""
+        final = self.path(name, key)
+        try:
+            manifest = _read_manifest(final)
+        except ValueError:  # a truncated stage.json
+            manifest = {}
+        if manifest is None:
+            return None
+        problem = damage(final, manifest, self.verify) if manifest else f"its {MANIFEST} is not valid JSON"
+        if problem is None:
+            return manifest
+        if locked:
+            aside = final.with_name(f"{final.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            final.rename(aside)
+            logger.warning("%s: the cached entry %s is damaged (%s); moved it to %s and computing it again.", name, final, problem, aside)
+        return None
+
     def get_or_compute(
         self, planned: PlannedStage, compute: Callable[[Path], dict[str, Any]], force: bool = False
     ) -> StageOutput:
         name, key = planned.stage.name, planned.key
         final = self.path(name, key)
         lock = filelock.FileLock(str(final) + ".lock")
-        decision = "compute"
+        decision, manifest = "compute", None
         if self._is_main:
-            if not force and self.lookup(name, key) is not None:
+            manifest = None if force else self._usable(name, key, locked=False)
+            if manifest is not None:
                 decision = "hit"
             else:
                 final.parent.mkdir(parents=True, exist_ok=True)
                 self._acquire(lock, name, final)
-                if not force and self.lookup(name, key) is not None:
+                manifest = None if force else self._usable(name, key, locked=True)
+                if manifest is not None:
                     decision = "hit"
                     lock.release()
         decision = self._agree(decision)
         if decision == "hit":
-            return self._hit(planned, final, self.lookup(name, key) or {})
+            return self._hit(planned, final, manifest if manifest is not None else self.lookup(name, key) or {})
         try:
             return self._compute(planned, compute, final)
         finally:
@@ -294,8 +383,11 @@ class StageCache:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "host": socket.gethostname(),
                 "kdrun_version": __version__,
+                "files": entry_files(partial),
             }
-            (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+            temporary = partial / f".{MANIFEST}.tmp"
+            temporary.write_text(json.dumps(manifest, indent=2, default=str))
+            os.replace(temporary, partial / MANIFEST)
             if final.exists():  # forced: move the old output aside, publish, then delete it
                 retired = Path(f"{final}.replaced-{int(time.time())}")
                 final.rename(retired)
@@ -318,7 +410,10 @@ class StageCache:
 
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, StageOutput]:
     """Run ``cfg.pipeline.stages`` in order, reusing cached outputs; returns every stage's output."""
-    planned = plan(cfg)
+    from kdrun.fingerprint import HashMemo
+
+    memo = HashMemo(cache_root(cfg))
+    planned = plan(cfg, memo)
     for step in planned:
         if step.stage.check is not None:
             step.stage.check(cfg)
@@ -328,7 +423,9 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, StageOutput]:
     log_choice(resolve_precision(cfg.device))
 
     group = get_accelerator(cfg.device)
-    cache = StageCache(Path(cfg.cache.dir).expanduser().resolve(), cfg.cache.lock_timeout, group)
+    if group.is_main_process:
+        memo.save()
+    cache = StageCache(cache_root(cfg), cfg.cache.lock_timeout, group, cfg.cache.verify)
     outputs: dict[str, StageOutput] = {}
     for step in planned:
         inputs = {name: outputs[name] for name in step.inputs}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from torch import nn
 
 from kdrun.distill.losses import ObjectiveConfig, TinyBertObjective, WidthProjections
 from kdrun.distill.mapping import LayerMapping
+from kdrun.fingerprint import sha256_of
 from kdrun.models.inputs import forward_inputs
 from kdrun.models.capture import forward_with_capture
 from kdrun.precision import Precision, default_attention_kernels
@@ -145,19 +147,47 @@ class TeacherLogits:
         """``model``'s logits on ``features`` (which need an ``id`` column), computed once (in ``precision``,
         which ``path`` must name) and kept at ``path``, so that a resumed run, or another run over the
         same rows, does not recompute them. A lock lets one of several parallel runs compute them while
-        the others wait."""
-        if path.is_file():
-            logger.info("teacher logits: reusing %s.", path)
-            return cls.load(path)
+        the others wait. ``<path>.sha256`` is written with the file and checked when it is reused: a
+        damaged or incomplete file is moved aside and computed again."""
+        reused = cls._verified(path, features)
+        if reused is not None:
+            return reused
         path.parent.mkdir(parents=True, exist_ok=True)
         with filelock.FileLock(f"{path}.lock"):
-            if path.is_file():
-                logger.info("teacher logits: reusing %s (computed by a parallel run).", path)
-                return cls.load(path)
+            reused = cls._verified(path, features, locked=True)
+            if reused is not None:
+                return reused
             runnable = precision.inference_model(model) if precision is not None else model
             logits = predict_logits(runnable, features, collate, batch_size, description="teacher logits", precision=precision)
             table = cls(torch.tensor(features["id"]), torch.from_numpy(logits))
             partial = path.with_name(path.name + ".partial")
             table.save(partial)
+            digest = path.with_name(path.name + ".sha256")
+            digest.with_name(digest.name + ".partial").write_text(sha256_of(partial))
+            os.replace(digest.with_name(digest.name + ".partial"), digest)
             os.replace(partial, path)
         return table
+
+    @classmethod
+    def _verified(cls, path: Path, features: Any, locked: bool = False) -> TeacherLogits | None:
+        """The table at ``path`` when it is the file that was written and holds every row of ``features``."""
+        if not path.is_file():
+            return None
+        digest = path.with_name(path.name + ".sha256")
+        problem = None
+        if not digest.is_file():
+            problem = "it has no .sha256 beside it (written by an older kdrun)"
+        elif sha256_of(path) != digest.read_text().strip():
+            problem = "its SHA-256 differs from the one recorded when it was written"
+        else:
+            table = cls.load(path)
+            missing = [i for i in features["id"] if int(i) not in table.row_of]
+            if not missing:
+                logger.info("teacher logits: reusing %s.", path)
+                return table
+            problem = f"it lacks {len(missing)} of the {len(features)} training rows"
+        if locked:
+            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(path, aside)
+            logger.warning("teacher logits: %s cannot be used (%s); moved it to %s and computing them again.", path, problem, aside)
+        return None

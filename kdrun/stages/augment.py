@@ -183,6 +183,7 @@ STAGE = register(
         run=run,
         check=check,
         reads=("task", "data.max_train_examples", "data.sample_seed", "augment"),
+        sources=("glue", "augment.glove", "augment.mlm_model", "spacy"),
         uses=("fit_mlm_head",),
         wants=lambda cfg, name: cfg.augment.name == "tinybert" and cfg.augment.mlm_model is None,
         uses_precision=lambda cfg: cfg.augment.name == "tinybert",  # its masked LM runs in the run's precision

@@ -163,6 +163,7 @@ STAGE = register(
         run=run,
         check=check,
         reads=("task", "data.max_seq_length", "data.max_eval_examples", "data.sample_seed", "evaluate"),
+        sources=("glue",),
         consumes_model=True,
         cached=False,
     )

@@ -66,7 +66,6 @@ STAGE = register(
         check=check,
         reads=(
             "task",
-            "teacher.path",
             "teacher.revision",
             "data.max_seq_length",
             "data.max_train_examples",
@@ -74,6 +73,7 @@ STAGE = register(
             "data.sample_seed",
             "finetune_teacher",
         ),
+        sources=("glue", "teacher"),
         produces_model=True,
     )
 )

@@ -135,6 +135,7 @@ STAGE = register(
         name="fit_mlm_head",
         run=run,
         check=check,
-        reads=("teacher.path", "teacher.revision", "data.corpus", "fit_mlm_head"),
+        reads=("teacher.revision", "fit_mlm_head"),
+        sources=("teacher", "corpus"),
     )
 )

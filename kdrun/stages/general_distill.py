@@ -159,7 +159,6 @@ STAGE = register(
         run=run,
         check=check,
         reads=(
-            "teacher.path",
             "teacher.revision",
             "student.num_hidden_layers",
             "student.hidden_size",
@@ -176,9 +175,9 @@ STAGE = register(
             "distill.weights.cos",
             "distill.temperature",
             "distill.ce_positions",
-            "data.corpus",
             "general_distill",
         ),
+        sources=("teacher", "corpus", "student.init"),
         uses=("fit_mlm_head",),
         wants=lambda cfg, name: cfg.distill.name == "distilbert",
     )

@@ -169,6 +169,7 @@ STAGE = register(
         run=run,
         check=check,
         reads=("task", "data.max_seq_length", "data.max_train_examples", "data.max_eval_examples", "data.sample_seed", "quantize"),
+        sources=("glue",),
         uses=("sensitivity",),
         wants=wants,
         consumes_model=True,

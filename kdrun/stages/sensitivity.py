@@ -79,6 +79,7 @@ STAGE = register(
         version="2",  # 2: |mean| + std of the top eigenvalue (a negative one ranked as the least sensitive)
         run=run,
         reads=("task", "data.max_seq_length", "data.max_train_examples", "data.sample_seed", "quantize.hessian"),
+        sources=("glue",),
         consumes_model=True,
         uses_precision=False,  # Hessian power iteration stays fp32
     )

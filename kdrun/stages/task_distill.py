@@ -231,6 +231,8 @@ STAGE = register(
             "data.sample_seed",
             "task_distill",
         ),
+        # The teacher's directory too: its tokenizer and shape make the student when no fine-tuned teacher runs.
+        sources=("glue", "teacher", "student.init", "student.glove"),
         uses=("finetune_teacher", "general_distill", "augment"),
         wants=lambda cfg, name: name != "finetune_teacher" or needs_teacher(cfg),
         produces_model=True,
