@@ -309,13 +309,8 @@ def _capture_unsupported(teacher_config: Any) -> str | None:
     import torch
     from transformers import AutoModel
 
-    from kdrun.models.capture import _base_model, _self_attention
+    from kdrun.models.capture import unsupported_because
 
     with torch.device("meta"):
         model = AutoModel.from_config(teacher_config)
-    try:
-        base = _base_model(model)
-        _self_attention(base.encoder.layer[0], 1)
-    except TypeError as error:
-        return str(error)
-    return None
+    return unsupported_because(model)

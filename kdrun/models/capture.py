@@ -137,6 +137,15 @@ def _self_attention(layer: nn.Module, number: int) -> nn.Module:
         ) from error
 
 
+def unsupported_because(model: PreTrainedModel) -> str | None:
+    """Why capture cannot read this model's layers (None: it can); for checks before any compute."""
+    try:
+        _self_attention(_base_model(model).encoder.layer[0], 1)
+    except TypeError as error:
+        return str(error)
+    return None
+
+
 def _check_layers(requested: set[int], available: int, what: str) -> None:
     outside = sorted(n for n in requested if not 1 <= n <= available)
     if outside:
