@@ -238,13 +238,13 @@ AUTO_HASH_LIMIT_BYTES = 2 << 30
 
 
 def entry_files(directory: Path) -> dict[str, dict[str, Any]]:
-    """``{relative path: {size, sha256}}`` of every file of a computed entry but its manifest."""
+    """``{relative path: {size, sha256}}`` of every file of a computed entry but its manifest and lock files."""
     from kdrun.fingerprint import sha256_of
 
     files = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         name = str(path.relative_to(directory))
-        if name != MANIFEST:
+        if name != MANIFEST and not name.endswith(".lock"):  # lock files (datasets' among them) hold no content
             files[name] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
     return files
 

@@ -32,6 +32,7 @@ def _compute(calls: list[int]):
         (out / "shards").mkdir()
         for i in range(4):
             (out / "shards" / f"{i}.json").write_text(json.dumps(list(range(i * 10))))
+        (out / "shards" / "cache_generator.lock").write_text("")  # what datasets leaves: no content, not listed
         return {"rows": 4}
 
     return compute
@@ -63,6 +64,7 @@ def test_a_damaged_entry_is_reported_moved_aside_and_computed_again(damage: str,
     manifest = json.loads((first.path / MANIFEST).read_text())
     assert sorted(manifest["files"]) == ["shards/0.json", "shards/1.json", "shards/2.json", "shards/3.json", "weights.bin"]
     assert manifest["files"]["weights.bin"]["size"] == 1 << 20
+    (first.path / "shards" / "cache_generator.lock").unlink()  # a library tidying its lock files damages nothing
     assert cache.get_or_compute(_planned(), _compute(calls)).cache == "hit"  # intact: verified and reused
 
     spoil, reported = DAMAGES[damage]
