@@ -19,21 +19,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kdrun.config import register_configs
+from kdrun.config import config_dir, register_configs
+from kdrun.recipes import ablation_problem
 
 logger = logging.getLogger("kdrun")
 
 RUN_ID_RESOLVER = "kdrun_run_id"
 LAUNCH_VALUE_RESOLVER = "kdrun_launch_value"
-
-
-def config_dir() -> str:
-    """``conf/`` beside the package in a source checkout, or inside it in an installed wheel."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package.parent / "conf", package / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"kdrun's config tree (conf/config.yaml) was not found next to {package}.")
 
 
 def _quiet_libraries() -> None:
@@ -153,7 +145,11 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
+    misplaced_ablation = ablation_problem(cfg)
     if hydra_cfg.mode != RunMode.MULTIRUN:
+        if misplaced_ablation:
+            logger.error("%s", misplaced_ablation)
+            sys.exit(2)
         try:
             return _run(cfg, run_dir, overrides, run_id())
         except _user_errors() as error:
@@ -161,6 +157,9 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(2)
     # A sweep job: its own id within the launch, since a worker process may run several jobs.
     job_id = f"{run_id()}#{hydra_cfg.job.num}"
+    if misplaced_ablation:  # 'ablation=glob(*)' also lists other recipes' rows: not this recipe's table
+        _record_skipped_job(cfg, run_dir, overrides, job_id, misplaced_ablation)
+        return None
     try:
         return _run(cfg, run_dir, overrides, job_id)
     except Exception as error:
@@ -193,6 +192,16 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], record_id: str) -
             logger.info("Results written to %s", path)
             log_results(tracker, record, path, [out.path for out in outputs.values() if out.path != run_dir])
     return record.get("main_score")
+
+
+def _record_skipped_job(cfg: DictConfig, run_dir: Path, overrides: list[str], record_id: str, reason: str) -> None:
+    """A sweep job that does not apply (another recipe's ablation): a ``skipped`` results.json, which tables
+    leave out and which does not fail the sweep."""
+    from kdrun.results import build_skipped, write_results
+
+    logger.info("Job %s skipped: %s", run_dir, reason)
+    if _is_main_rank():
+        write_results(build_skipped(cfg, overrides, record_id, reason), run_dir)
 
 
 def _record_failed_job(cfg: DictConfig, run_dir: Path, overrides: list[str], record_id: str, error: Exception) -> None:

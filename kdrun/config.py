@@ -17,10 +17,13 @@ import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from kdrun.recipes import register_aliases
 
 
 @dataclass
@@ -370,8 +373,12 @@ class CacheConfig:
 @dataclass
 class KdrunConfig:
     experiment_name: str = "default"
+    # The recipe (conf/experiment/<recipe>.yaml) this run follows; None for a bare ``kdrun`` with groups only.
+    recipe: Optional[str] = None
     # Which row of an ablation table this run is (conf/ablation); ``none`` = the full recipe.
     ablation: str = "none"
+    # The ablations that apply to the recipe (its file lists them; empty = any): kdrun.recipes checks them.
+    ablations: list[str] = field(default_factory=list)
     scale: str = MISSING
     task: TaskConfig = field(default_factory=TaskConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -392,9 +399,20 @@ class KdrunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
 
 
+def config_dir() -> str:
+    """``conf/`` beside the package in a source checkout, or inside it in an installed wheel."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "conf", package / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"kdrun's config tree (conf/config.yaml) was not found next to {package}.")
+
+
 def register_configs() -> None:
-    """Make the schema known to Hydra; conf/config.yaml lists it first in its defaults."""
+    """Make the schema known to Hydra (conf/config.yaml lists it first in its defaults), and the
+    ``<recipe>_<task>`` experiment names (kdrun.recipes)."""
     ConfigStore.instance().store(name="kdrun_schema", node=KdrunConfig)
+    register_aliases(Path(config_dir()))
 
 
 def to_container(cfg: DictConfig | Any) -> Any:

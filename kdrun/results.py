@@ -30,6 +30,8 @@ if TYPE_CHECKING:  # only for annotations: recording a failure must not need the
 RESULTS_FILE = "results.json"
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
+# A sweep job that does not apply to its recipe (another recipe's ablation row): no metrics, not a failure.
+STATUS_SKIPPED = "skipped"
 CHOICE_GROUPS = ("teacher", "student", "distill", "augment", "quantize", "device")
 
 
@@ -49,7 +51,7 @@ def run_identity(cfg: DictConfig, overrides: list[str], run_id: str) -> dict[str
         "run_id": run_id,
         "experiment": experiment,
         # The experiment without its task (tinybert_mrpc -> tinybert): a row key across tasks.
-        "recipe": experiment.removesuffix(f"_{task}") if isinstance(experiment, str) else None,
+        "recipe": _resolved(cfg, "recipe"),
         "task": task,
         "ablation": _resolved(cfg, "ablation"),
         "scale": _resolved(cfg, "scale"),
@@ -91,6 +93,11 @@ def build_failure(cfg: DictConfig, overrides: list[str], run_id: str, error: Bas
     (prefixed with the exception's type unless it is one of kdrun's user errors, whose message says it all)."""
     message = str(error) if user_error else f"{type(error).__name__}: {error}"
     return {**run_identity(cfg, overrides, run_id), "status": STATUS_FAILED, "error": message, "error_type": type(error).__name__}
+
+
+def build_skipped(cfg: DictConfig, overrides: list[str], run_id: str, reason: str) -> dict[str, Any]:
+    """The record of a sweep job that did not run because it does not apply (kdrun.recipes)."""
+    return {**run_identity(cfg, overrides, run_id), "status": STATUS_SKIPPED, "reason": reason}
 
 
 def check_results_dir(run_dir: Path, run_id: str) -> None:

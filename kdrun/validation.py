@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.config import TrainConfig, schema_fields, schema_paths_of_type
+from kdrun.recipes import ablation_problem
 
 # Keys Hydra itself may put at the root of a composed config (``compose(return_hydra_config=True)``).
 _NOT_SCHEMA_KEYS = frozenset({"hydra"})
@@ -256,6 +257,9 @@ def validate_config(cfg: DictConfig) -> None:
     from kdrun.pipeline import PipelineError, registered_stages
 
     problems = unknown_key_problems(cfg) + value_problems(cfg, set(registered_stages()))
+    ablation = ablation_problem(cfg)
+    if ablation:
+        problems.insert(0, ablation)
     if problems:
         raise PipelineError(format_problems(problems))
 

@@ -9,12 +9,12 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from kdrun.cli import config_dir
-from kdrun.config import KdrunConfig, register_configs
+from kdrun.config import KdrunConfig, config_dir, register_configs
 from kdrun.pipeline import PipelineError, plan
+from kdrun.recipes import recipe_names
 
 CONF = Path(config_dir())
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+RECIPES = recipe_names(CONF)
 SCALES = sorted(p.stem for p in (CONF / "scale").glob("*.yaml"))
 
 
@@ -24,16 +24,18 @@ def _compose(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-def test_every_glue_task_has_a_teacher_experiment() -> None:
-    assert {f"teacher_{t}" for t in ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")} <= set(EXPERIMENTS)
+def test_every_experiment_file_is_a_recipe() -> None:
+    assert sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")) == RECIPES
     assert SCALES == ["cpu", "paper", "smoke"]
 
 
 @pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_validates_and_plans(experiment: str, scale: str) -> None:
-    cfg = _compose(f"experiment={experiment}", f"scale={scale}")
-    assert cfg.experiment_name == experiment
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes_validates_and_plans(recipe: str, scale: str) -> None:
+    # Aliases (recipe_task) compose as recipe + task: tests/test_recipes_and_tables.py.
+    task = "stsb" if recipe != "mlm_head" else "sst2"  # the regression task exercises num_labels=1
+    cfg = _compose(f"experiment={recipe}", f"task={task}", f"scale={scale}")
+    assert cfg.experiment_name == (recipe if recipe == "mlm_head" else f"{recipe}_{task}")
     assert cfg.scale == scale
     typed = OmegaConf.to_object(cfg)  # raises on any missing or ill-typed value
     assert isinstance(typed, KdrunConfig)
@@ -41,7 +43,10 @@ def test_experiment_composes_validates_and_plans(experiment: str, scale: str) ->
     # Listed stages that nothing wants with this config are skipped: the Hessian spectrum without mixed precision.
     skipped = ["sensitivity"] if cfg.quantize.name != "qbert_mp" else []
     assert [s.stage.name for s in stages] == [name for name in cfg.pipeline.stages if name not in skipped]
-    assert all(len(s.key) == 16 for s in stages)
+    # A key names its stage's inputs: every stage's differs, and planning again gives the same keys.
+    keys = [s.key for s in stages]
+    assert len(set(keys)) == len(keys)
+    assert keys == [s.key for s in plan(cfg)]
 
 
 def test_experiment_selects_its_task() -> None:

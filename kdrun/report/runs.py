@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from kdrun.results import RESULTS_FILE, STATUS_FAILED
+from kdrun.results import RESULTS_FILE, STATUS_FAILED, STATUS_SKIPPED
 
 REFERENCES_DIR = Path(__file__).resolve().parent / "references"
 
@@ -42,12 +42,15 @@ def find_results(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
-def load_runs(paths: Iterable[Path]) -> list[dict[str, Any]]:
+def load_runs(paths: Iterable[Path], skipped: bool = False) -> list[dict[str, Any]]:
     """Every results.json under ``paths``, each with ``_path`` (its run directory). Failed runs are included
-    (see :func:`is_failed`): tables mark their cells rather than leave them out."""
+    (see :func:`is_failed`): tables mark their cells rather than leave them out. Skipped sweep jobs (another
+    recipe's ablation in a ``glob(*)`` sweep) are left out unless ``skipped``: they belong to no table."""
     runs = []
     for path in find_results(paths):
         record = json.loads(path.read_text())
+        if record.get("status") == STATUS_SKIPPED and not skipped:
+            continue
         record["_path"] = str(path.parent)
         runs.append(record)
     return runs
@@ -74,7 +77,8 @@ def sweep_jobs(sweep_dir: Path, runs: Sequence[dict[str, Any]]) -> list[str]:
 def failed_jobs(sweep_dir: Path, runs: Sequence[dict[str, Any]]) -> dict[str, str]:
     """The failed jobs of a sweep, job directory -> what went wrong (on one line): its results.json says it
     failed, or it has none (the job was killed before it could write one)."""
-    recorded = {run["_path"]: run for run in runs}
+    recorded = {run["_path"]: run for run in load_runs([sweep_dir], skipped=True)}
+    recorded.update({run["_path"]: run for run in runs})
     failures = {}
     for job in sweep_jobs(sweep_dir, runs):
         run = recorded.get(job)
