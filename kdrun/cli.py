@@ -181,6 +181,7 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], record_id: str) -
         import torch
 
         torch.set_num_threads(cfg.device.threads)
+    _default_corpus(cfg)
     is_main = _is_main_rank()
     tracker_name = cfg.logger.name if is_main else "none"
     run_name = f"{cfg.experiment_name}-{cfg.ablation}-{run_dir.name}"
@@ -192,6 +193,24 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], record_id: str) -
             logger.info("Results written to %s", path)
             log_results(tracker, record, path, [out.path for out in outputs.values() if out.path != run_dir])
     return record.get("main_score")
+
+
+def _default_corpus(cfg: DictConfig) -> None:
+    """A run whose stages need a corpus and that sets none streams :data:`DEFAULT_HUB_CORPUS` when the hub is
+    reachable, and says so; offline, ``data.corpus`` stays unset and the stage's check explains how to set it.
+    Set before planning, so that the cache keys name the corpus actually used."""
+    from kdrun.data.corpus import default_corpus
+    from kdrun.pipeline import registered_stages
+
+    stages = registered_stages()
+    needs_corpus = any("corpus" in stages[name].sources for name in cfg.pipeline.stages if name in stages)
+    if cfg.data.corpus or not needs_corpus:
+        return
+    corpus = default_corpus(cfg.data.corpus)
+    if corpus:
+        logger.info("data.corpus is not set (nor KDRUN_CORPUS): general distillation streams %s from the "
+                    "Hugging Face hub. Set data.corpus=/path/to/corpus.txt to use a local corpus.", corpus)
+        cfg.data.corpus = corpus
 
 
 def _record_skipped_job(cfg: DictConfig, run_dir: Path, overrides: list[str], record_id: str, reason: str) -> None:

@@ -9,7 +9,7 @@ the corpus.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,35 @@ class CorpusNotFound(FileNotFoundError):
 
 
 HUB_PREFIX = "hf:"
+# What general distillation streams when no corpus is set and the hub is reachable: English Wikipedia
+# articles, the domain of BERT's own pre-training text.
+DEFAULT_HUB_CORPUS = "hf:wikitext:wikitext-103-raw-v1"
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub answers (and offline mode is off): one HEAD request, at most ``timeout`` s."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def default_corpus(corpus: str | None, reachable: Callable[[], bool] | None = None) -> str | None:
+    """``corpus`` when set; else :data:`DEFAULT_HUB_CORPUS` when the hub is reachable, else None (the stage's
+    check then says how to set one)."""
+    if corpus:
+        return corpus
+    return DEFAULT_HUB_CORPUS if (reachable or hub_reachable)() else None
 
 
 def corpus_files(corpus: str | None) -> list[Path]:
@@ -32,8 +61,7 @@ def corpus_files(corpus: str | None) -> list[Path]:
             "between documents), and none is configured. Set data.corpus=/path/to/corpus.txt (a file "
             "or a directory of .txt files), export KDRUN_CORPUS=/path/to/corpus.txt, or, where the "
             "Hugging Face hub is reachable, data.corpus=hf:<dataset>[:<config>] (e.g. "
-            "hf:wikitext:wikitext-103-raw-v1); in this workspace a Wikipedia slice is at "
-            "../shared/data/wiki/enwiki-slice.txt."
+            "hf:wikitext:wikitext-103-raw-v1; kdrun picks that one itself when the hub is reachable)."
         )
     path = Path(corpus).expanduser()
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
