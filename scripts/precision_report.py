@@ -128,7 +128,7 @@ def render(runs: dict[str, Any], bench: dict[str, dict[str, Any]]) -> str:
             f"Rows identical to the fp32 reference: {augment['rows_identical_to_reference']:,} of {augment['reference_rows']:,} "
             f"({augment['rows_identical_to_reference'] / augment['reference_rows']:.0%}); sentences whose copies are all identical: "
             f"{augment['sentences_with_identical_copies']} of {augment['sentences_with_copies']}. In fp32 the two are identical "
-            "(`--precision fp32`, and `tests/test_augment_tinybert.py`): in bf16 a near-tie among a word's 15 candidates can swap "
+            "(`--precision fp32`, and `tests/unit/test_augment_tinybert.py`): in bf16 a near-tie among a word's 15 candidates can swap "
             "their order, and the copy draws a candidate by its position.",
         ]
     teacher = runs.get("teacher_sst2", {})

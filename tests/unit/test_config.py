@@ -90,16 +90,3 @@ def test_keys_follow_exactly_what_a_stage_reads() -> None:
     assert device_changed == base
 
 
-def test_cli_prints_resolved_config(run_kdrun) -> None:
-    result = run_kdrun("experiment=teacher_cola", "scale=smoke", "--cfg", "job")
-    printed = OmegaConf.create(result.stdout)
-    assert printed.task.name == "cola"
-    assert printed.experiment_name == "teacher_cola"
-    assert printed.finetune_teacher.train.max_steps == 4
-
-
-def test_cli_misspelt_key_is_a_clear_error(run_kdrun) -> None:
-    result = run_kdrun("experiment=teacher_sst2", "finetune_teacher.train.epoch=2", check=False)
-    assert result.returncode != 0
-    assert "Key 'epoch' not in 'TrainConfig'" in result.stderr
-    assert "full_key: finetune_teacher.train.epoch" in result.stderr

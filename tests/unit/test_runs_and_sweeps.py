@@ -7,8 +7,6 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -87,40 +85,6 @@ def test_ranks_of_one_launch_share_a_run_id(fresh_run_id, monkeypatch) -> None:
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")
     fresh_run_id.cache_clear()
     assert fresh_run_id() != first
-
-
-def test_run_ids_of_processes_and_of_torchrun_ranks(tmp_path: Path) -> None:
-    """Two processes started together get two names; the two ranks of one real torchrun launch get one."""
-    env = {**os.environ, "WORLD_SIZE": "1"}
-    plain = [subprocess.Popen([sys.executable, "-c", PRINT_RUN_ID], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
-    script = tmp_path / "rank.py"
-    script.write_text(
-        "import os, pathlib\nfrom kdrun.cli import run_id\n"
-        f"pathlib.Path({str(tmp_path)!r}, 'rank' + os.environ['RANK']).write_text(run_id())\n"
-    )
-    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    names = [process.communicate(timeout=300)[0].strip() for process in plain]
-    assert torchrun.returncode == 0, torchrun.stdout + torchrun.stderr
-    assert all(RUN_ID.match(name) for name in names) and names[0] != names[1]
-    ranks = [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)]
-    assert RUN_ID.match(ranks[0]) and ranks[0] == ranks[1]
-
-
-def test_two_runs_started_together_keep_both_results(tiny_bert_dir, glue_dir, tmp_path: Path) -> None:
-    """The same command twice at once (as a learning-rate sweep by hand would be): two directories, two files."""
-    environment = {**os.environ, "KDRUN_CACHE_DIR": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "kdrun.cli", "experiment=teacher_sst2", f"teacher.path={tiny_bert_dir}",
-               f"data.glue_dir={glue_dir}", *TINY_RUN]
-    runs = [subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for _ in range(2)]
-    outputs = [run.communicate(timeout=600)[0] for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], outputs
-    files = sorted((tmp_path / "outputs" / "runs" / "teacher_sst2").glob("*/results.json"))
-    assert len(files) == 2 and all(RUN_ID.match(path.parent.name) for path in files)
-    records = [json.loads(path.read_text()) for path in files]
-    assert [record["run_id"] for record in records] == [path.parent.name for path in files]
-    assert {record["status"] for record in records} == {"ok"}
 
 
 # --- results.json ----------------------------------------------------------------------------------------------
@@ -276,44 +240,3 @@ def test_sweep_callback_writes_the_table_then_exits_nonzero(failing_sweep: Path,
 
 
 # --- real sweeps -----------------------------------------------------------------------------------------------------
-
-
-def _sweep_records(cwd: Path) -> dict[str, dict]:
-    """The sweep's results.json records by experiment."""
-    records = [json.loads(path.read_text()) for path in (cwd / "outputs" / "multirun").rglob("results.json")]
-    return {record["experiment"]: record for record in records}
-
-
-def _check_failed_sweep(result: subprocess.CompletedProcess, cwd: Path, glue_dir: Path) -> None:
-    """teacher_sst2 ran; teacher_qqp stopped (no QQP in the data directory) and is in the table as failed."""
-    output = result.stdout + result.stderr
-    assert result.returncode == 1, output
-    records = _sweep_records(cwd)
-    assert records["teacher_sst2"]["status"] == "ok" and records["teacher_sst2"]["main_score"] is not None
-    failed = records["teacher_qqp"]
-    assert failed["status"] == "failed" and failed["task"] == "qqp" and "main_score" not in failed
-    assert "QQP" in failed["error"] and str(glue_dir) in failed["error"]
-    assert "experiment=teacher_qqp" in failed["overrides"]
-    [summary] = list((cwd / "outputs" / "multirun").rglob("summary.md"))
-    text = summary.read_text()
-    score = r"[0-9.]+( †)?"  # a tiny model trained 4 steps may well be a constant predictor
-    assert re.search(rf"\| none \| {score} \| failed \|", text) or re.search(rf"\| none \| failed \| {score} \|", text), text
-    assert "failed: none / qqp" in text
-    assert "1 of 2 jobs failed" in output
-
-
-def test_joblib_sweep_finishes_and_reports_a_failed_job(run_kdrun, tiny_bert_dir, glue_dir, tmp_path: Path) -> None:
-    result = run_kdrun(
-        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=teacher_sst2,teacher_qqp",
-        f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", *TINY_RUN, check=False,
-    )
-    _check_failed_sweep(result, tmp_path, glue_dir)
-
-
-def test_basic_launcher_runs_the_jobs_after_a_failed_one(run_kdrun, tiny_bert_dir, glue_dir, tmp_path: Path) -> None:
-    result = run_kdrun(
-        "-m", "experiment=teacher_qqp,teacher_sst2", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", *TINY_RUN,
-        check=False,
-    )
-    _check_failed_sweep(result, tmp_path, glue_dir)
-    assert "Traceback" not in result.stdout + result.stderr  # a user error is one line, in a sweep too

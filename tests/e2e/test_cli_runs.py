@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -103,7 +104,7 @@ def test_regression_task_and_test_predictions(run_kdrun, tiny_bert_dir, glue_dir
     assert all(0.0 <= float(line.split("\t")[1]) <= 5.0 for line in lines[1:])
 
 
-def test_killed_run_resumes_to_identical_weights(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> None:
+def test_killed_run_resumes_to_identical_weights(run_kdrun_cli, tiny_bert_dir, glue_dir, tmp_path) -> None:
     """A real ``kill -9`` in the second epoch (10 updates an epoch), resumed from a checkpoint inside that epoch."""
     overrides = (
         "experiment=teacher_sst2",
@@ -120,17 +121,17 @@ def test_killed_run_resumes_to_identical_weights(run_kdrun, tiny_bert_dir, glue_
     )
     uninterrupted_cache = tmp_path / "cache-uninterrupted"
     (tmp_path / "u").mkdir()
-    run_kdrun(*overrides, cwd=tmp_path / "u", env={"KDRUN_CACHE_DIR": str(uninterrupted_cache)})
+    run_kdrun_cli(*overrides, cwd=tmp_path / "u", env={"KDRUN_CACHE_DIR": str(uninterrupted_cache)})
 
     (tmp_path / "k").mkdir()
-    killed = run_kdrun(*overrides, cwd=tmp_path / "k", env={"KDRUN_FAULT": "kill@step:14"}, check=False)
+    killed = run_kdrun_cli(*overrides, cwd=tmp_path / "k", env={"KDRUN_FAULT": "kill@step:14"}, check=False)
     assert killed.returncode == -9  # SIGKILL, as `kill -9`
     [partial] = list((tmp_path / "cache" / "finetune_teacher").glob("*.partial"))
     progress = json.loads((partial / "checkpoint" / "progress.json").read_text())
     assert (progress["step"], progress["epoch"], progress["batches_done"]) == (12, 1, 4)
 
     (tmp_path / "r").mkdir()
-    resumed = run_kdrun(*overrides, cwd=tmp_path / "r")
+    resumed = run_kdrun_cli(*overrides, cwd=tmp_path / "r")
     assert "resuming" in (resumed.stdout + resumed.stderr).lower()
     summary = _results(tmp_path / "r")["stages"]["finetune_teacher"]
     assert summary["cache"] == "resumed" and summary["summary"]["resumed_from_step"] == 12
@@ -147,16 +148,16 @@ def test_killed_run_resumes_to_identical_weights(run_kdrun, tiny_bert_dir, glue_
         assert (resumed_weights[name] == tensor).all(), name
 
 
-def test_missing_data_dir_is_a_clear_error(run_kdrun, tmp_path) -> None:
-    result = run_kdrun("experiment=teacher_sst2", f"data.glue_dir={tmp_path / 'nowhere'}", "scale=smoke", check=False)
+def test_missing_data_dir_is_a_clear_error(run_kdrun_cli, tmp_path) -> None:
+    result = run_kdrun_cli("experiment=teacher_sst2", f"data.glue_dir={tmp_path / 'nowhere'}", "scale=smoke", check=False)
     assert result.returncode == 2
     output = result.stdout + result.stderr
     assert str(tmp_path / "nowhere") in output
     assert "GLUE_DIR" in output and "Traceback" not in output
 
 
-def test_no_local_data_and_no_hub_explains_how_to_point_at_data(run_kdrun, tmp_path) -> None:
-    result = run_kdrun(
+def test_no_local_data_and_no_hub_explains_how_to_point_at_data(run_kdrun_cli, tmp_path) -> None:
+    result = run_kdrun_cli(
         "experiment=teacher_sst2", "scale=smoke", "data.glue_dir=null",
         env={"GLUE_DIR": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, check=False,
     )
@@ -165,6 +166,7 @@ def test_no_local_data_and_no_hub_explains_how_to_point_at_data(run_kdrun, tmp_p
     assert "data.glue_dir" in output and "GLUE_DIR" in output and "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_real_minilm_teacher_learns_sst2(run_kdrun, glue_dir, tmp_path) -> None:
     """The embedded teacher, 94 steps on a 1,500-example sample: clearly above chance (50%)."""
     run_kdrun(

@@ -4,9 +4,6 @@ sweep configs (``kdrun +table=...``)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -132,34 +129,3 @@ def test_skipped_jobs_leave_tables_and_do_not_fail_the_sweep(tmp_path: Path) -> 
     assert list(failed_jobs(tmp_path, runs)) == [str(tmp_path / "2")]
 
 
-@pytest.mark.slow
-def test_table_runs_from_the_shell_in_one_command(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
-    """``kdrun +table=qbert_groups`` at scale=smoke: four jobs, then the table with the four rows."""
-    environment = {**os.environ, "KDRUN_CACHE_DIR": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [sys.executable, "-m", "kdrun.cli", "+table=qbert_groups", "scale=smoke", f"teacher.path={tiny_bert_dir}",
-         f"data.glue_dir={glue_dir}", "evaluate.latency_repeats=1"],
-        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    [summary] = list((tmp_path / "outputs" / "multirun" / "qbert_groups").glob("*/summary.md"))
-    text = summary.read_text()
-    for row in ("qbert_g1", "qbert_g12", "qbert_g128", "qbert_grow"):
-        assert f"| {row} |" in text
-
-
-@pytest.mark.slow
-def test_glob_sweep_runs_the_recipes_rows_and_skips_the_others(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
-    """The literal ``kdrun -m experiment=<recipe>_<task> 'ablation=glob(*)'``: rows of other recipes are
-    skipped, not failed, and the sweep exits 0."""
-    environment = {**os.environ, "KDRUN_CACHE_DIR": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [sys.executable, "-m", "kdrun.cli", "-m", "experiment=teacher_sst2", "ablation=glob(*)", "scale=smoke",
-         f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", "evaluate.measure_latency=false"],
-        cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    records = [json.loads(p.read_text()) for p in (tmp_path / "outputs").rglob("results.json")]
-    assert len(records) == len(list((CONF / "ablation").glob("*.yaml")))
-    assert [r["ablation"] for r in records if r["status"] == "ok"] == ["none"]
-    assert all(r["status"] == "skipped" for r in records if r["ablation"] != "none")

@@ -13,13 +13,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from kdrun import precision as precision_module
-from kdrun.config import DeviceConfig, TrainConfig, register_configs
+from kdrun.config import DeviceConfig, TrainConfig, config_dir, register_configs
 from kdrun.distill.losses import attention_mse, hidden_mse, logit_mse, soft_cross_entropy
 from kdrun.pipeline import PipelineError, plan
 from kdrun.precision import Precision, PrecisionError, cpu_native_bf16, resolve_precision
 from kdrun.train import TrainingJob, train
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = config_dir()
 NATIVE_BF16, BF16_FEATURE = cpu_native_bf16()
 needs_native_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason=f"this CPU has {BF16_FEATURE}: no native bf16")
 

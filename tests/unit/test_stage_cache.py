@@ -108,17 +108,3 @@ def test_key_depends_on_config_inputs_and_version() -> None:
     assert base != stage_key("s", "2", {"a": 1}, {"up": "k"})
 
 
-def test_parallel_sweep_trains_the_shared_teacher_once(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> None:
-    """Two joblib jobs that share the teacher: one fine-tunes it under the lock, the other waits and reuses it."""
-    run_kdrun(
-        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "device.threads=1",
-        "experiment=teacher_sst2", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", "scale=smoke",
-        "device=cpu", "evaluate.latency_repeats=1", "evaluate.batch_size=32,64",
-    )
-    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "outputs" / "multirun").rglob("results.json"))]
-    assert len(results) == 2
-    caches = sorted(r["stages"]["finetune_teacher"]["cache"] for r in results)
-    assert caches == ["computed", "hit"]
-    assert len({r["stages"]["finetune_teacher"]["key"] for r in results}) == 1
-    [sweep_dir] = list((tmp_path / "outputs" / "multirun").glob("*/*"))
-    assert (sweep_dir / "summary.md").is_file()  # the sweep table, rendered by the callback

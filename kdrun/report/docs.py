@@ -1,0 +1,187 @@
+"""``docs/results.md``, rendered from measurement records, never typed by hand.
+
+    python -m kdrun.report.docs [--measurements docs/measurements] [--out docs/results.md]
+
+It reads, under ``docs/measurements``:
+
+- ``runs/<name>/results.json``: copies of the results.json of real runs (``kdrun.results``), each a row of the
+  runs table (its command rebuilt from its overrides) and, when it has one, a deployment table;
+- ``resume_matrix.json``: the kill/resume matrix of ``scripts/resume_matrix.py``;
+- ``bench_*.json``: what the benchmarks printed, one table per file.
+
+Add a run with ``python -m kdrun.report.docs --add outputs/runs/<experiment>/<id> --name <name>`` (copies its
+results.json), then render again. Rendering is deterministic: the same records give the same page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from kdrun.results import RESULTS_FILE
+
+RUNS_DIR = "runs"
+RESUME_MATRIX = "resume_matrix.json"
+LATENCY_PREFIX = "latency_ms_bs"
+
+
+def _command(record: dict[str, Any]) -> str:
+    return "kdrun " + " ".join(record.get("overrides") or [])
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.2f}" if isinstance(value, (int, float)) else "–"
+
+
+def _number(value: Any, digits: int = 1) -> str:
+    if isinstance(value, bool) or value is None:
+        return "–"
+    if isinstance(value, (int, float)):
+        return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+    return str(value)
+
+
+def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
+    header = list(header)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return lines
+
+
+def load_records(measurements: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(name, results.json record) of every stored run, by name."""
+    found = sorted((measurements / RUNS_DIR).glob(f"*/{RESULTS_FILE}"))
+    return [(path.parent.name, json.loads(path.read_text())) for path in found]
+
+
+def _stage_minutes(record: dict[str, Any]) -> str:
+    stages = record.get("stages") or {}
+    parts = [f"{name} {stage['seconds'] / 60:.1f}" for name, stage in stages.items()
+             if isinstance(stage.get("seconds"), (int, float)) and stage.get("cache") != "hit"]
+    return ", ".join(parts) or "–"
+
+
+def runs_section(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    lines = ["## Runs", "", "Dev-set scores of real runs at the scale shown, with the exact command. Minutes are per stage",
+             "computed in that run (stages reused from the cache are not listed).", ""]
+    rows = []
+    for name, record in records:
+        efficiency = record.get("efficiency") or {}
+        one_class = " †" if record.get("predicts_one_class") else ""
+        rows.append([
+            name, f"`{_command(record)}`", record.get("main_metric", "–"), _percent(record.get("main_score")) + one_class,
+            _number(efficiency.get("parameters")), record.get("precision", "–"), _stage_minutes(record),
+        ])
+    lines += _table(["run", "command", "metric", "dev", "parameters", "precision", "minutes per stage"], rows)
+    lines += ["", "† a constant predictor: the model gives every dev example the same class.", ""]
+    return lines
+
+
+def deployment_section(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    lines: list[str] = []
+    for name, record in records:
+        deployment = record.get("deployment") or {}
+        if not deployment:
+            continue
+        batch_sizes = sorted({int(key.removeprefix(LATENCY_PREFIX)) for row in deployment.values() for key in row
+                              if key.startswith(LATENCY_PREFIX)})
+        header = ["format", "dev", "agreement with fp32", "size (MB)"] + [f"ms at batch {b}" for b in batch_sizes]
+        rows = []
+        for fmt, row in deployment.items():
+            size = row.get("size_on_disk_bytes")
+            rows.append([fmt, _percent(row.get("main_score")), _percent(row.get("agreement_with_fp32")),
+                         _number(size / 1e6 if isinstance(size, (int, float)) else None)]
+                        + [_number(row.get(f"{LATENCY_PREFIX}{b}")) for b in batch_sizes])
+        lines += [f"### Deployment: {name}", "", f"`{_command(record)}`", ""] + _table(header, rows) + [""]
+    return (["## Deployment", "", "Each model scored and timed per format, side by side in one process.", ""] + lines) if lines else []
+
+
+def resume_section(measurements: Path) -> list[str]:
+    path = measurements / RESUME_MATRIX
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    yes = lambda flag: "yes" if flag else "**no**"  # noqa: E731
+    header = ["stage", "interruption", "KDRUN_FAULT", "exit code", "resumed from step", "weights bit-identical",
+              "other files identical", "history and best model identical"]
+    body = [[row.get("stage"), row.get("meaning"), f"`{row.get('fault')}`", row.get("interrupted_exit_code"),
+             row.get("resumed_from_step"), f"{yes(row.get('weights_identical'))} ({row.get('weight_files')} files)",
+             yes(row.get("other_files_identical")), yes(row.get("history_identical") and row.get("best_dev_identical"))]
+            for row in data["rows"]]
+    return [
+        "## Kill and resume", "",
+        "`python scripts/resume_matrix.py --out docs/measurements/resume_matrix.json`: each row interrupts one stage with",
+        "`KDRUN_FAULT` (a real SIGKILL or SIGINT the process sends itself at that point of that step), runs the same",
+        "command again, and compares the published cache entries of that stage and the stages after it with an",
+        "uninterrupted run: every weight file's SHA-256, every other file (but each loop's `outcome.json`, which records",
+        "wall-clock time and the step it resumed from), the training history and the kept best model. Exit code -9 is",
+        "SIGKILL; 1 or -2 is the process stopping on SIGINT after it saved its state.", "",
+        f"Recipe: `kdrun {' '.join(data.get('recipe', []))}`", "",
+    ] + _table(header, body) + [""]
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _flatten(child, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list) and len(value) > 8:
+        yield prefix, f"{len(value)} values"
+    else:
+        yield prefix, value
+
+
+def bench_section(measurements: Path) -> list[str]:
+    lines = []
+    for path in sorted(measurements.glob("bench_*.json")):
+        data = json.loads(path.read_text())
+        rows = [[f"`{key}`", _number(value, 3) if isinstance(value, float) else value] for key, value in _flatten(data)]
+        lines += [f"### {path.stem}", "", f"`python scripts/{path.stem}.py` (see the script for its options)", ""]
+        lines += _table(["measure", "value"], rows) + [""]
+    return (["## Benchmarks", ""] + lines) if lines else []
+
+
+def render(measurements: Path) -> str:
+    records = load_records(measurements)
+    parts = [
+        "# Results", "",
+        "Rendered by `python -m kdrun.report.docs` from the records in `docs/measurements/` (do not edit by hand).",
+        "Machine: 2 CPU cores (AMD EPYC, AVX512-BF16/VNNI), no GPU. Earlier versions' numbers: [notebook.md](notebook.md).",
+        "",
+    ]
+    parts += runs_section(records) if records else []
+    parts += deployment_section(records)
+    parts += resume_section(measurements)
+    parts += bench_section(measurements)
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def add_run(measurements: Path, run_dir: Path, name: str) -> Path:
+    """Store ``run_dir``'s results.json as the record ``name``."""
+    source = run_dir / RESULTS_FILE
+    if not source.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no {RESULTS_FILE}: pass a run directory of a finished run.")
+    target = measurements / RUNS_DIR / name / RESULTS_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measurements", type=Path, default=Path("docs/measurements"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    parser.add_argument("--add", type=Path, help="a run directory whose results.json to store first")
+    parser.add_argument("--name", help="the record's name (with --add)")
+    args = parser.parse_args(argv)
+    if args.add:
+        add_run(args.measurements, args.add, args.name or args.add.name)
+    args.out.write_text(render(args.measurements))
+    print(f"Wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
