@@ -61,7 +61,8 @@ ROWS = (
     ("finetune_teacher", "kill@step:45:finetune_teacher", "kill -9 in epoch 1; the re-run crosses into epoch 2"),
     ("finetune_teacher", "kill@eval:60:finetune_teacher", "kill -9 inside an evaluation"),
     ("finetune_teacher", "kill@checkpoint:50:finetune_teacher", "kill -9 inside a checkpoint write"),
-    ("finetune_teacher", "kill@save_best:20:finetune_teacher", "kill -9 inside a best-model save"),
+    # Step 20's model is a constant predictor (never kept as best): step 40 is the first best-model save.
+    ("finetune_teacher", "kill@save_best:40:finetune_teacher", "kill -9 inside a best-model save"),
     ("finetune_teacher", "interrupt@forward:44:finetune_teacher", "Ctrl-C in the middle of a step"),
     ("finetune_teacher", "interrupt@eval:63:finetune_teacher", "Ctrl-C during the evaluation ending epoch 1"),
     ("general_distill", "kill@step:40:general_distill", "kill -9 at step 10 of epoch 2 (30-step epochs)"),
@@ -108,7 +109,13 @@ def _only_timing_or_locks(differing: list[str]) -> bool:
     return all(Path(name).name in TIMING_RECORDS or name.endswith(".lock") for name in differing)
 
 
-def _compare(stage: str, run: dict[str, dict], reference: dict[str, dict]) -> dict:
+def _resumed_from(summary: dict, fault: str) -> int | None:
+    """The step the interrupted loop resumed from: task distillation has one loop per step."""
+    part = "intermediate" if fault.endswith("step 1") else "prediction" if fault.endswith("step 2") else None
+    return (summary.get(part) or {}).get("resumed_from_step") if part else summary.get("resumed_from_step")
+
+
+def _compare(stage: str, fault: str, run: dict[str, dict], reference: dict[str, dict]) -> dict:
     later = STAGES[STAGES.index(stage):]
     differing = sorted(
         f"{s}/{name}" for s in later for name in set(run[s]["files"]) | set(reference[s]["files"])
@@ -123,22 +130,28 @@ def _compare(stage: str, run: dict[str, dict], reference: dict[str, dict]) -> di
         "other_files_identical": _only_timing_or_locks(differing),
         "history_identical": _history(run[stage]["summary"]) == _history(reference[stage]["summary"]),
         "best_dev_identical": run[stage]["summary"].get("best_dev") == reference[stage]["summary"].get("best_dev"),
-        "resumed_from_step": run[stage]["summary"].get("resumed_from_step", run[stage]["summary"].get("prediction", {}).get("resumed_from_step")),
+        "resumed_from_step": _resumed_from(run[stage]["summary"], fault),
     }
 
 
-def measure(root: Path) -> dict:
+def measure(root: Path, selected: list[int] | None = None) -> dict:
+    """The reference run, then every row of ROWS (or the ``selected`` indexes)."""
     reference_cache = root / "reference"
     (root / "work").mkdir(parents=True, exist_ok=True)
     _, seconds = _kdrun(reference_cache, root / "work")
     reference = _entries(reference_cache)
     rows = []
-    for stage, fault, meaning in ROWS:
-        cache = root / f"case-{len(rows)}"
+    for index, (stage, fault, meaning) in enumerate(ROWS):
+        if selected is not None and index not in selected:
+            continue
+        cache = root / f"case-{index}"
         shutil.copytree(reference_cache, cache, ignore=shutil.ignore_patterns(*STAGES[STAGES.index(stage):], "teacher_logits"))
         code, interrupted_seconds = _kdrun(cache, root / "work", fault)
+        if code == 0:
+            raise RuntimeError(f"KDRUN_FAULT={fault} never fired (the run finished): pick a step where that point is reached.")
         _, rerun_seconds = _kdrun(cache, root / "work")
-        row = {"stage": stage, "fault": fault, "meaning": meaning, "interrupted_exit_code": code, **_compare(stage, _entries(cache), reference)}
+        row = {"index": index, "stage": stage, "fault": fault, "meaning": meaning, "interrupted_exit_code": code,
+               **_compare(stage, fault, _entries(cache), reference)}
         row["seconds"] = round(interrupted_seconds + rerun_seconds, 1)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
@@ -150,9 +163,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="write the measurements here (JSON)")
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--rows", help="measure only these rows (indexes into ROWS, e.g. 4,7,8) and replace them in --out")
     args = parser.parse_args()
+    selected = [int(index) for index in args.rows.split(",")] if args.rows else None
     with tempfile.TemporaryDirectory() as scratch:
-        measured = measure(args.workdir or Path(scratch))
+        measured = measure(args.workdir or Path(scratch), selected)
+    if selected is not None and args.out and args.out.is_file():
+        kept = [row for row in json.loads(args.out.read_text())["rows"] if row.get("index") not in selected]
+        measured["rows"] = sorted(kept + measured["rows"], key=lambda row: row["index"])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(measured, indent=2) + "\n")

@@ -14,6 +14,7 @@ import importlib.resources
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 from transformers import (
     AutoConfig,
@@ -75,12 +76,53 @@ def load_model_config(reference: str, revision: str | None = None) -> Pretrained
         raise ModelSetupError(offline_hint(reference)) from error
 
 
+_AS_LOADED = "_kdrun_backend_as_loaded"
+
+
 def load_tokenizer(reference: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     path = resolve_model_path(reference)
     try:
-        return AutoTokenizer.from_pretrained(path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except OSError as error:
         raise ModelSetupError(offline_hint(reference)) from error
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        setattr(tokenizer, _AS_LOADED, (backend.truncation, backend.padding))
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: Path | str) -> None:
+    """``tokenizer.save_pretrained(directory)`` with the truncation and padding it was loaded with.
+
+    A fast tokenizer's backend keeps the truncation and padding of its last call and writes them into
+    tokenizer.json: saved after tokenising a corpus, it would publish other defaults than after a resumed
+    run that found the corpus cached, and a user loading it would get either. The file must not depend on
+    what the tokenizer was last used for.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    as_loaded = getattr(tokenizer, _AS_LOADED, None)
+    if backend is None or as_loaded is None:
+        tokenizer.save_pretrained(directory)
+        return
+    current = (backend.truncation, backend.padding)
+    _set_backend_state(backend, *as_loaded)
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        _set_backend_state(backend, *current)
+
+
+def _set_backend_state(backend: Any, truncation: dict[str, Any] | None, padding: dict[str, Any] | None) -> None:
+    if truncation is None:
+        backend.no_truncation()
+    else:
+        backend.enable_truncation(**{k: v for k, v in truncation.items() if k in ("max_length", "stride", "strategy", "direction")})
+    if padding is None:
+        backend.no_padding()
+    else:
+        length = padding.get("length")
+        backend.enable_padding(direction=padding["direction"], pad_id=padding["pad_id"], pad_type_id=padding["pad_type_id"],
+                               pad_token=padding["pad_token"], length=length, pad_to_multiple_of=padding.get("pad_to_multiple_of"))
 
 
 def check_tokenizer_matches(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, reference: str) -> None:

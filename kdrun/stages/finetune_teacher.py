@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from kdrun.models.loading import classification_config, load_for_sequence_classification, load_tokenizer, check_tokenizer_matches
+from kdrun.models.loading import classification_config, load_for_sequence_classification, load_tokenizer, check_tokenizer_matches, save_tokenizer
 from kdrun.pipeline import Stage, StageOutput, register
 from kdrun.predict import main_metric_key, model_inputs, score_dev_sets
 from kdrun.stages import task_data
@@ -41,7 +41,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
 
     def save_model(model: torch.nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
 
     job = TrainingJob(
         model=model,

@@ -22,7 +22,7 @@ from kdrun.data.batching import sorted_eval_batches
 from kdrun.data.corpus import check_corpus, corpus_dataset
 from kdrun.data.mlm import MaskingCollator
 from kdrun.models.masked_lm import masked_lm_head
-from kdrun.models.loading import load_checked_config, load_tokenizer, resolve_model_path
+from kdrun.models.loading import load_checked_config, load_tokenizer, resolve_model_path, save_tokenizer
 from kdrun.metrics import Evaluation
 from kdrun.pipeline import Stage, StageOutput, register
 from kdrun.predict import model_inputs
@@ -102,7 +102,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
 
     def save_model(module: nn.Module, directory: Path) -> None:
         module.mlm.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
 
     before = evaluate(model.to(accelerator.device)).metrics
     outcome = train(

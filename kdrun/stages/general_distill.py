@@ -28,7 +28,7 @@ from kdrun.data.corpus import check_corpus, corpus_dataset
 from kdrun.data.mlm import MaskingCollator
 from kdrun.distill.distilbert import MaskedLmStudent, TripleLossSettings, triple_loss
 from kdrun.distill.tinybert import StudentWithProjections, objective_from_config, tinybert_loss
-from kdrun.models.loading import load_checked_config, load_tokenizer, resolve_model_path
+from kdrun.models.loading import load_checked_config, load_tokenizer, resolve_model_path, save_tokenizer
 from kdrun.models.distil_student import distil_from_teacher, distilbert_config, teacher_layers_to_keep
 from kdrun.models.masked_lm import load_masked_lm
 from kdrun.models.students import new_general_student, student_bert_config
@@ -77,7 +77,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
 
     def save_model(model: torch.nn.Module, directory: Path) -> None:
         model.student.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
         model.save_projections(directory)
 
     job = TrainingJob(
@@ -128,7 +128,7 @@ def run_distilbert(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Pat
 
     def save_model(model: torch.nn.Module, directory: Path) -> None:
         model.mlm.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
 
     job = TrainingJob(
         model=MaskedLmStudent(student),

@@ -27,11 +27,12 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
 from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits
 from kdrun.metrics import Evaluation
+from kdrun.models.loading import load_tokenizer, save_tokenizer
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
 from kdrun.precision import Precision, device_type_of
 from kdrun.report.plots import plot_sensitivities
@@ -98,7 +99,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         return {"model_dir": "model", "quantized": False}
 
     task = task_data.task_of(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    tokenizer = load_tokenizer(str(source_dir))
     model = AutoModelForSequenceClassification.from_pretrained(source_dir)
     sensitivities = read_sensitivities(inputs["sensitivity"].path) if "sensitivity" in inputs else None
     plan = bit_plan(settings, len(encoder_layers(model)), sensitivities)
@@ -107,7 +108,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
 
     def save_model(wrapper: torch.nn.Module, directory: Path) -> None:
         wrapper.student.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
         plan.save(directory)
 
     def evaluate(wrapper: torch.nn.Module) -> Evaluation:

