@@ -21,6 +21,7 @@ int64 of shape [batch, sequence] with both axes dynamic, and returns ``logits`` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import types
@@ -34,6 +35,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from kdrun.models.bilstm import BiLstmForSequenceClassification, _split_pair, pair_features
+from kdrun.models.capture import attention_implementation
 from kdrun.models.inputs import forward_inputs
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -124,7 +126,9 @@ def export_onnx(model: nn.Module, example: Mapping[str, torch.Tensor], path: Pat
     is_bilstm = isinstance(model, BiLstmForSequenceClassification)
     inner = unpacked_bilstm(model) if is_bilstm else model
     graph = _LogitsGraph(inner, names, additive_mask=not is_bilstm).eval()
-    with warnings.catch_warnings():
+    # Eager attention traces to the plainest graph (MatMul, scale, mask, Softmax, MatMul), the pattern ONNX
+    # Runtime's fusions look for; scaled_dot_product_attention adds guards for fully masked rows.
+    with contextlib.nullcontext() if is_bilstm else attention_implementation(model, "eager"), warnings.catch_warnings():
         # The exporter's own deprecation notice, and tracer warnings about shapes read in Python (all of
         # them constant for a given model, which is what the dynamic-axes test checks).
         warnings.simplefilter("ignore")

@@ -59,9 +59,9 @@ class ExportParityError(PipelineError):
 
 
 def load_deployable(model_dir: Path) -> tuple[torch.nn.Module, QuantizationPlan | None]:
-    """The model as it ships: eager attention (the plainest graph), on the CPU, in eval mode; a Q-BERT model
+    """The model as it ships, loaded as the evaluate stage loads it, on the CPU, in eval mode; a Q-BERT model
     with its weights written onto its grids (activations are not quantized: see docs/export.md)."""
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, attn_implementation="eager")
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     plan = QuantizationPlan.load(model_dir)
     if plan is not None:
         materialize(enable_fake_quantization(model, plan))
