@@ -361,6 +361,9 @@ class ExportConfig:
     # ONNX Runtime's transformer optimizer (LayerNorm/GELU/attention fusions) on BERT-family graphs
     # before quantization; models it does not apply to (the BiLSTM) are exported as they are.
     optimize: bool = False
+    # A Q-BERT model's model.onnx holds its weights as grid integers + per-row scales + DequantizeLinear (the
+    # learnt grids, exactly); false: as fp32 numbers. model_int8.onnx is ONNX Runtime's quantization either way.
+    qbert_grids: bool = True
 
 
 @dataclass

@@ -237,6 +237,15 @@ def test_qbert_model_exports_its_grid_weights(tiny_bert_dir, glue_dir, tmp_path)
     outputs = run_pipeline(_compose(*overrides), tmp_path / "run")
     summary = outputs["export"].summary
     assert summary["qbert"]["layer_bits"] == [4, 3] and summary["parity"]["onnx"]["agreement"] == 1.0
+    # Every quantized matrix (6 a layer) and embedding table (words, positions, token types) carried as its grid.
+    assert summary["qbert"]["converted"] == {"matrices": 12, "embeddings": 3, "not_found": 0}
+    graph = onnx.load(str(_export_entry(outputs) / "model.onnx"))
+    onnx.checker.check_model(graph, full_check=True)
+    integers = {item.name: onnx.numpy_helper.to_array(item) for item in graph.graph.initializer if item.name.endswith("_grid")}
+    assert len(integers) == 15 and all(array.dtype == np.int8 for array in integers.values())
+    assert [node.op_type for node in graph.graph.node].count("DequantizeLinear") == 15
+    assert sorted(int(abs(array).max()) for array in integers.values()) == [3] * 6 + [7] * 6 + [127] * 3  # 3-, 4- and 8-bit grids
+    assert summary["deployment"]["onnx"]["size_bytes"] < summary["deployment"]["fp32"]["size_bytes"] / 2
     grid_model, _ = load_deployable(tmp_path / "qbert")
     query = grid_model.bert.encoder.layer[1].attention.self.query.weight.detach()
     assert all(len(torch.unique(query[rows])) <= 7 for rows in (slice(0, 8), slice(8, 16)))  # 3 bits: 7 levels a group

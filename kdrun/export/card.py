@@ -150,10 +150,16 @@ def _recipe_lines(cfg: DictConfig, summary: dict[str, Any]) -> list[str]:
         lines.append("- " + ", ".join(f"{group} `{name}`" for group, name in choices.items()) + ".")
     if summary["qbert"]:
         bits = summary["qbert"]["layer_bits"]
+        carried = summary["qbert"]["converted"]
+        held = (
+            f"`model.onnx` holds them as the learnt grid integers with their scales and DequantizeLinear nodes ({carried['matrices']} matrices, "
+            f"{carried['embeddings']} embedding tables), value for value the PyTorch model's weights"
+            if carried else "`model.onnx` holds the grid values as fp32 numbers"
+        )
         lines.append(
-            f"- Q-BERT: encoder layers at {bits} bits, {summary['qbert']['groups']} groups per matrix. The graphs hold these weights "
-            "on their grids as fp32 numbers (the fp32 graph) or re-quantized by ONNX Runtime (the int8 graph); Q-BERT's "
-            "activation quantization is not part of either (see kdrun's docs/export.md)."
+            f"- Q-BERT: encoder layers at {bits} bits, {summary['qbert']['groups']} groups per matrix, embeddings at "
+            f"{summary['qbert']['embedding_bits']} bits. {held}; `model_int8.onnx` is ONNX Runtime's int8 quantization of them. Q-BERT's "
+            "activation quantization is part of neither graph (see kdrun's docs/export.md)."
         )
     return lines
 

@@ -122,9 +122,17 @@ def _example_batch(tokenizer: Any, texts: tuple[list[str], list[str] | None]) ->
     return dict(tokenizer(a[:2], pair, padding=True, truncation=True, max_length=64, return_tensors="pt"))
 
 
-def _write_graphs(settings: DictConfig, model: torch.nn.Module, example: dict[str, torch.Tensor], directory: Path) -> dict[str, Any]:
-    """model.onnx (optimized when asked and applicable) and, when asked, model_int8.onnx made from it."""
-    from kdrun.export.graphs import export_onnx, optimize_bert, quantize_int8
+def load_latent(model_dir: Path, plan: QuantizationPlan) -> torch.nn.Module:
+    """A Q-BERT model with its latent weights and fake-quantized layers (where its grids' scales come from)."""
+    return enable_fake_quantization(AutoModelForSequenceClassification.from_pretrained(model_dir), plan)
+
+
+def _write_graphs(
+    settings: DictConfig, model: torch.nn.Module, example: dict[str, torch.Tensor], directory: Path, grids: tuple[torch.nn.Module, QuantizationPlan] | None
+) -> dict[str, Any]:
+    """model.onnx (optimized when asked and applicable; a Q-BERT model's with its grids, given ``grids``) and,
+    when asked, model_int8.onnx, quantized from the fp32 graph."""
+    from kdrun.export.graphs import check_graph, export_onnx, optimize_bert, quantize_int8
 
     directory.mkdir(parents=True, exist_ok=True)
     fp32 = directory / GRAPH_FILES["onnx"]
@@ -137,9 +145,15 @@ def _write_graphs(settings: DictConfig, model: torch.nn.Module, example: dict[st
         plain.unlink()
     if "onnx_int8" in settings.formats:
         quantize_int8(fp32, directory / GRAPH_FILES["onnx_int8"], settings.per_channel)
+    carried = None
     if "onnx" not in settings.formats:  # only the int8 graph was asked for: the fp32 one was its source
         fp32.unlink()
-    return {"inputs": inputs, "fusions": fusions}
+    elif grids is not None:
+        from kdrun.export.grids import carry_grids
+
+        carried = carry_grids(fp32, *grids)
+        check_graph(fp32, full=fusions is None)
+    return {"inputs": inputs, "fusions": fusions, "grids": carried}
 
 
 def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
@@ -169,7 +183,8 @@ def _export(cfg: DictConfig, source: StageOutput, out_dir: Path) -> dict[str, An
     texts = (list(first["text_a"]), list(first["text_b"]) if task.is_pair else None)
 
     directory = out_dir / EXPORT_DIR
-    written = _write_graphs(settings, model, _example_batch(tokenizer, texts), directory)
+    grids = (load_latent(model_dir, plan), plan) if plan is not None and settings.qbert_grids else None
+    written = _write_graphs(settings, model, _example_batch(tokenizer, texts), directory, grids)
     tokenizer.save_pretrained(directory)
     model.config.save_pretrained(directory)
 
@@ -214,7 +229,10 @@ def _export(cfg: DictConfig, source: StageOutput, out_dir: Path) -> dict[str, An
         "opset": settings.opset,
         "per_channel": settings.per_channel,
         "fusions": written["fusions"],
-        "qbert": None if plan is None else {"layer_bits": list(plan.layer_bits), "groups": plan.groups, "weights": "on their grids, as fp32 (materialized)"},
+        "qbert": None if plan is None else {
+            "layer_bits": list(plan.layer_bits), "groups": plan.groups, "embedding_bits": plan.embedding_bits,
+            "onnx_weights": "grid integers + scales + DequantizeLinear" if written["grids"] else "grid values as fp32", "converted": written["grids"],
+        },
         "parity": parity,
         "main_metric": main_metric,
         "deployment": deployment,
