@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -30,24 +31,29 @@ from kdrun.data.glue import load_glue_split
 from kdrun.data.tasks import get_task
 from kdrun.deployment import LatencySettings, agreement, latency_inputs, measure_latency
 from kdrun.export.graphs import export_onnx, optimize_bert, quantize_int8
+from kdrun.export.grids import carry_grids
 from kdrun.export.runtime import OnnxRuntimeModel, inference_session
 from kdrun.precision import Precision
 from kdrun.predict import main_metric_key, score_dev_sets
 from kdrun.quant.int8 import export_int8
-from kdrun.stages.export import graph_size_bytes, load_deployable, pytorch_size_bytes
+from kdrun.stages.export import graph_size_bytes, load_deployable, load_latent, pytorch_size_bytes
 from kdrun.stages.task_data import collator
 
 
-def build_variants(model: torch.nn.Module, example: dict[str, torch.Tensor], directory: Path, opset: int) -> dict[str, Path]:
-    """Every graph the export stage can write, by name."""
+def build_variants(model: torch.nn.Module, example: dict[str, torch.Tensor], directory: Path, opset: int, grids: tuple | None) -> dict[str, Path]:
+    """Every graph the export stage can write, by name (``onnx_grids``: a Q-BERT model's grids as QDQ weights)."""
     plain = directory / "plain.onnx"
     export_onnx(model, example, plain, opset)
     graphs = {"onnx": plain}
+    if grids is not None:
+        graphs["onnx_grids"] = directory / "grids.onnx"
+        shutil.copyfile(plain, graphs["onnx_grids"])
+        carry_grids(graphs["onnx_grids"], *grids)
     optimized = directory / "optimized.onnx"
     fusions = optimize_bert(plain, optimized, model.config)
     if fusions is not None:
         graphs["onnx_optimized"] = optimized
-    for source_name, source in list(graphs.items()):
+    for source_name, source in [(name, path) for name, path in graphs.items() if name != "onnx_grids"]:
         for per_channel in (False, True):
             name = f"{source_name.replace('onnx', 'onnx_int8')}{'_per_channel' if per_channel else ''}"
             graphs[name] = directory / f"{name}.onnx"
@@ -84,7 +90,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         started = time.perf_counter()
-        graphs = build_variants(model, example, Path(scratch), args.opset)
+        graphs = build_variants(model, example, Path(scratch), args.opset, (load_latent(args.model, plan), plan) if plan else None)
         export_seconds = time.perf_counter() - started
         runners = {"pytorch_fp32": model, "pytorch_int8": export_int8(model)}
         runners.update({name: OnnxRuntimeModel(inference_session(path, args.threads)) for name, path in graphs.items()})

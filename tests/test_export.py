@@ -173,7 +173,7 @@ def test_missing_extra_is_one_line_before_any_compute(tiny_bert_dir, glue_dir, m
     cfg = _compose("experiment=teacher_sst2", "scale=smoke", f"teacher.path={tiny_bert_dir}", "pipeline.stages=[finetune_teacher,evaluate,export]")
     with pytest.raises(PipelineError) as failure:
         plan(cfg)
-    assert str(failure.value) == "Invalid config: the export stage needs onnxruntime, which do not import here: pip install 'kdrun[export]'"
+    assert str(failure.value) == "Invalid config: the export stage needs onnxruntime, which does not import here: pip install 'kdrun[export]'"
 
 
 def _word_model_dir(directory: Path, texts: list[str], pair: bool) -> Path:

@@ -36,4 +36,5 @@ def missing_packages_problem() -> str | None:
     missing = missing_packages()
     if not missing:
         return None
-    return f"the export stage needs {' and '.join(missing)}, which do not import here: {INSTALL_HINT}"
+    verb = "does" if len(missing) == 1 else "do"
+    return f"the export stage needs {' and '.join(missing)}, which {verb} not import here: {INSTALL_HINT}"
