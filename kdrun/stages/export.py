@@ -41,8 +41,11 @@ from kdrun.models.measure import size_on_disk
 from kdrun.pipeline import PipelineError, Stage, StageOutput, register
 from kdrun.precision import Precision
 from kdrun.predict import logits_to_predictions, main_metric_key, score_dev_sets
+from kdrun.quant.int8 import export_int8
 from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, materialize
+from kdrun.report.tables import wide_console
 from kdrun.stages import task_data
+from kdrun.stages.evaluate import deployment_table
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +199,7 @@ def _export(cfg: DictConfig, source: StageOutput, out_dir: Path) -> dict[str, An
     batch_size = timing_settings.batch_size
     pytorch = [name for name in PYTORCH_FORMATS if name in settings.pytorch_formats or name == "fp32"]
     rows = format_rows(model, pytorch, task, dev_sets, collate, batch_size, latency, required="fp32")
-    sizes = {name: pytorch_size_bytes(name, *_runnable(name, model), model_dir) for name in rows if rows[name].skipped is None}
+    sizes = {name: pytorch_size_bytes(name, _runnable(name, model), model_dir) for name in rows if rows[name].skipped is None}
 
     parity: dict[str, Any] = {}
     reference = rows["fp32"].evaluation
@@ -245,21 +248,14 @@ def _export(cfg: DictConfig, source: StageOutput, out_dir: Path) -> dict[str, An
         "card_example": example,
     }
     write_card(directory, cfg, summary, task)
-    from kdrun.stages.evaluate import deployment_table
-    from kdrun.report.tables import wide_console
-
     wide_console().print(deployment_table(deployment, main_metric, f"{task.name}: {source.name} model, exported formats ({threads} threads)"))
     logger.info("export: wrote %s", directory)
     return summary
 
 
-def _runnable(name: str, model: torch.nn.Module) -> tuple[torch.nn.Module]:
+def _runnable(name: str, model: torch.nn.Module) -> torch.nn.Module:
     """The PyTorch module whose size a format's row reports (deployment.format_rows builds the same)."""
-    if name == "int8":
-        from kdrun.quant.int8 import export_int8
-
-        return (export_int8(model),)
-    return (Precision(name, "cpu").inference_model(model),)
+    return export_int8(model) if name == "int8" else Precision(name, "cpu").inference_model(model)
 
 
 def _cpu_name() -> str:
