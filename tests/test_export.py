@@ -91,7 +91,7 @@ def test_parity_is_measured_through_onnx_runtime_and_matches_pytorch(teacher_run
     assert summary["measured_on"]["threads"] == 2 and summary["measured_on"]["latency_seq_length"] == 128
 
 
-def test_results_json_holds_the_deployment_rows(teacher_run) -> None:
+def test_results_json_holds_the_deployment_rows(teacher_run, tmp_path) -> None:
     cfg, overrides, outputs, _ = teacher_run
     record = build_results(cfg, outputs, list(overrides), "test-run")
     assert record["deployment"] == outputs["export"].summary["deployment"]
@@ -103,6 +103,12 @@ def test_results_json_holds_the_deployment_rows(teacher_run) -> None:
     table = build_table([record], {"latency_format": "onnx_int8", "latency_batch_size": 32})
     assert "latency bs32 (ms, onnx_int8)" in table.extras and "onnx int8 speed-up bs32" in table.extras
     assert table.extras["latency bs32 (ms, onnx_int8)"][record["ablation"]] == record["deployment"]["onnx_int8"]["latency_ms_bs32"]
+    assert table.extras["size (MB)"][record["ablation"]] == record["deployment"]["onnx_int8"]["size_bytes"] * 1e-6
+    from kdrun.report.tables import write_report
+
+    other = {**record, "ablation": "other", "main_score": 0.5}  # a second row: a Pareto plot needs two points
+    written = write_report([record, other], tmp_path, {"latency_format": "onnx_int8", "latency_batch_size": 32})
+    assert written["pareto_latency"].is_file()
 
 
 def test_model_card_snippet_runs_from_the_exported_directory(teacher_run) -> None:
