@@ -330,6 +330,46 @@ class EvaluateConfig:
 
 
 @dataclass
+class ExportAgreementConfig:
+    """The least share of dev examples on which each exported graph must agree with PyTorch fp32. int8 moves
+    borderline examples across the decision boundary by design, so it gets a lower bar (docs/export.md)."""
+
+    onnx: float = 0.99
+    onnx_int8: float = 0.97
+
+
+@dataclass
+class ExportConfig:
+    """Stage export: the model as ONNX graphs for ONNX Runtime, checked against PyTorch, with a model card.
+
+    ``formats``: ``onnx`` (fp32 graph) and ``onnx_int8`` (ONNX Runtime dynamic quantization of it).
+    Each is scored on dev through an ONNX Runtime session; an export whose predictions agree with
+    PyTorch's on less than ``min_agreement[format]`` of the dev examples fails the stage (for a
+    regression task: predictions within ``regression_tolerance`` of PyTorch's count as agreeing).
+    ``pytorch_formats`` are measured beside them (as in ``evaluate.formats``), so that one table
+    compares every way to ship the model. Latency uses the ``evaluate.latency_*`` settings and
+    ``device.threads``. See docs/export.md.
+    """
+
+    # A model directory to export instead of the pipeline's model (stage import_model; see
+    # conf/experiment/export_model.yaml): kdrun experiment=export_model task=sst2 export.model=DIR
+    model: Optional[str] = None
+    formats: list[str] = field(default_factory=lambda: ["onnx", "onnx_int8"])
+    pytorch_formats: list[str] = field(default_factory=lambda: ["fp32", "bf16", "int8"])
+    min_agreement: ExportAgreementConfig = field(default_factory=ExportAgreementConfig)
+    regression_tolerance: float = 0.1
+    opset: int = 17
+    # onnx_int8: one weight scale per output channel (else one per matrix).
+    per_channel: bool = True
+    # ONNX Runtime's transformer optimizer (LayerNorm/GELU/attention fusions) on BERT-family graphs
+    # before quantization; models it does not apply to (the BiLSTM) are exported as they are.
+    optimize: bool = False
+    # A Q-BERT model's model.onnx holds its weights as grid integers + per-row scales + DequantizeLinear (the
+    # learnt grids, exactly); false: as fp32 numbers. model_int8.onnx is ONNX Runtime's quantization either way.
+    qbert_grids: bool = True
+
+
+@dataclass
 class LoggerConfig:
     """Experiment tracking (``kdrun/tracking.py``): ``none``, ``tensorboard`` or ``mlflow`` (local file store)."""
 
@@ -349,6 +389,10 @@ class ReportConfig:
     reference: Optional[str] = None
     # Show each cell minus this row's value (e.g. ``none`` for DistilBERT's ablation deltas).
     relative_to: Optional[str] = None
+    # The latency of the latency Pareto plot and column: a deployment format's (``fp32``, ``bf16``, ``int8``,
+    # ``onnx``, ``onnx_int8``) at ``latency_batch_size``; null: the run's own precision (efficiency.latency_ms_bs*).
+    latency_format: Optional[str] = None
+    latency_batch_size: int = 1
 
 
 @dataclass
@@ -393,6 +437,7 @@ class KdrunConfig:
     fit_mlm_head: FitMlmHeadConfig = field(default_factory=FitMlmHeadConfig)
     task_distill: TaskDistillConfig = field(default_factory=TaskDistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

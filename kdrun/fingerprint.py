@@ -179,6 +179,11 @@ def _spacy_model(cfg: DictConfig, memo: HashMemo) -> Any:
     return versions
 
 
+def _export_model(cfg: DictConfig, memo: HashMemo) -> Any:
+    """The model directory a standalone export brings in (stage import_model)."""
+    return path_fingerprint(cfg.export.model, memo)
+
+
 # What a stage may read from outside the cache, by name (``Stage.sources``).
 SOURCES: dict[str, Callable[[DictConfig, HashMemo], Any]] = {
     "glue": glue_fingerprint,
@@ -189,6 +194,7 @@ SOURCES: dict[str, Callable[[DictConfig, HashMemo], Any]] = {
     "augment.glove": _augment_glove,
     "augment.mlm_model": _augment_mlm,
     "spacy": _spacy_model,
+    "export.model": _export_model,
 }
 
 

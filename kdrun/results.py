@@ -85,6 +85,30 @@ def build_results(cfg: DictConfig, outputs: dict[str, StageOutput], overrides: l
         record["predicts_one_class"] = evaluation.get("predicts_one_class")
         record["precision"] = evaluation["efficiency"].get("precision")
         record["deployment"] = evaluation.get("deployment", {})
+    if "export" in outputs:
+        record.update(export_record(outputs["export"], "evaluate" not in outputs))
+    return record
+
+
+def export_record(output: StageOutput, standalone: bool) -> dict[str, Any]:
+    """What the export stage adds to results.json: ``export`` (where the graphs are, parity, where the latencies
+    were measured) and ``deployment``, its table of every format measured side by side in one process (the
+    evaluate stage's own table stays in its summary). A standalone export (no evaluate stage) also gives the
+    run its metrics: those of the PyTorch fp32 model it exported."""
+    summary = output.summary
+    record: dict[str, Any] = {
+        "export": {
+            "dir": str(output.path / summary["export_dir"]),
+            "files": {name: str(output.path / file) for name, file in summary["files"].items()},
+            "parity": summary["parity"],
+            "measured_on": summary["measured_on"],
+        },
+        "deployment": summary["deployment"],
+    }
+    if standalone:
+        reference = summary["deployment"]["fp32"]
+        record.update(metrics=reference["dev"], main_metric=summary["main_metric"], main_score=reference["main_score"], precision="fp32")
+        record["predicts_one_class"] = reference.get("predicts_one_class")
     return record
 
 

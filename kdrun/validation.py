@@ -196,6 +196,10 @@ VALUE_BOUNDS: dict[str, Bound] = {
     "quantize.hessian.batch_size": AT_LEAST_ONE,
     "quantize.hessian.max_iterations": AT_LEAST_ONE,
     "quantize.hessian.tolerance": POSITIVE,
+    "export.regression_tolerance": NON_NEGATIVE,
+    "export.min_agreement.onnx": PROBABILITY,
+    "export.min_agreement.onnx_int8": PROBABILITY,
+    "export.opset": Bound(low=13, high=20, why="per-channel int8 needs opset 13; torch's TorchScript exporter writes up to 20"),
 }
 """Other settings that would otherwise fail (or silently do nothing) only once a stage computes."""
 
@@ -256,12 +260,22 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise one ``kdrun.pipeline.PipelineError`` listing every problem of ``cfg``, one per line."""
     from kdrun.pipeline import PipelineError, registered_stages
 
-    problems = unknown_key_problems(cfg) + value_problems(cfg, set(registered_stages()))
+    problems = unknown_key_problems(cfg) + value_problems(cfg, set(registered_stages())) + dependency_problems(cfg)
     ablation = ablation_problem(cfg)
     if ablation:
         problems.insert(0, ablation)
     if problems:
         raise PipelineError(format_problems(problems))
+
+
+def dependency_problems(cfg: DictConfig) -> list[str]:
+    """Optional packages the configured stages need: the export stage's ONNX packages (the ``export`` extra)."""
+    if "export" not in cfg.pipeline.stages:
+        return []
+    from kdrun.export import missing_packages_problem
+
+    problem = missing_packages_problem()
+    return [problem] if problem else []
 
 
 def format_problems(problems: list[str]) -> str:

@@ -110,9 +110,7 @@ class BiLstmForSequenceClassification(PreTrainedModel):
             if token_type_ids is None:
                 raise ValueError("a pair BiLSTM needs token_type_ids (0: first sentence, 1: [SEP] and second)")
             first, second = _split_pair(input_ids, attention_mask, token_type_ids, self.config.pad_token_id)
-            h1 = self.encode(*first)
-            h2 = self.encode(*second)
-            features = torch.cat([h1, h2, h1 * h2, (h1 - h2).abs()], dim=-1)
+            features = pair_features(self.encode(*first), self.encode(*second))
         logits = self.classifier(features)
         loss = None
         if labels is not None:
@@ -121,6 +119,11 @@ class BiLstmForSequenceClassification(PreTrainedModel):
             else:
                 loss = nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def pair_features(h1: torch.Tensor, h2: torch.Tensor) -> torch.Tensor:
+    """The siamese classifier's input: [h1, h2, h1 * h2, |h1 - h2|]."""
+    return torch.cat([h1, h2, h1 * h2, (h1 - h2).abs()], dim=-1)
 
 
 def _split_pair(

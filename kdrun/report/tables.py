@@ -12,6 +12,7 @@ table is printed with rich and written as ``summary.csv``, ``summary.md`` and
 curves go beside them.
 
     python -m kdrun.report DIR [DIR ...] [--rows ablation] [--columns task] [--reference tinybert_table3] [--out DIR]
+        [--latency-format onnx_int8 --latency-batch-size 32]
 
 Each DIR is a sweep directory, a run directory, or any tree holding them.
 """
@@ -32,7 +33,10 @@ from rich.table import Table
 
 from kdrun.report.runs import ReportError, field_value, is_failed, load_reference, load_runs, one_line
 
-DEFAULT_SETTINGS = {"rows": "ablation", "columns": "task", "metric": "main_score", "scale": 100.0, "reference": None, "relative_to": None}
+DEFAULT_SETTINGS = {
+    "rows": "ablation", "columns": "task", "metric": "main_score", "scale": 100.0, "reference": None, "relative_to": None,
+    "latency_format": None, "latency_batch_size": 1,
+}
 # Per-row measures shown after the score columns when the runs report them (mean over the row's runs).
 # The first field a run has is used: an unquantized model's size is its fp32 safetensors file.
 EFFICIENCY_FIELDS = {
@@ -43,7 +47,29 @@ EFFICIENCY_FIELDS = {
     "bf16 speed-up bs32": (("deployment.bf16.speedup_vs_fp32_bs32",), 1.0),
     "int8 speed-up bs1": (("deployment.int8.speedup_vs_fp32_bs1",), 1.0),
     "int8 speed-up bs32": (("deployment.int8.speedup_vs_fp32_bs32",), 1.0),
+    "onnx int8 speed-up bs1": (("deployment.onnx_int8.speedup_vs_fp32_bs1",), 1.0),
+    "onnx int8 speed-up bs32": (("deployment.onnx_int8.speedup_vs_fp32_bs32",), 1.0),
 }
+LATENCY_COLUMN = "latency bs1 (ms)"
+
+
+def efficiency_fields(settings: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], float]]:
+    """EFFICIENCY_FIELDS with the latency (and size) of ``settings['latency_format']`` when one is chosen: any
+    deployment format's (``deployment.<format>.latency_ms_bs<N>``), e.g. onnx_int8 at batch 32. The Pareto
+    plots draw the same columns."""
+    fields = dict(EFFICIENCY_FIELDS)
+    chosen, batch_size = settings.get("latency_format"), int(settings.get("latency_batch_size") or 1)
+    if chosen:
+        fields[LATENCY_COLUMN] = ((f"deployment.{chosen}.latency_ms_bs{batch_size}",), 1.0)
+        fields["size (MB)"] = ((f"deployment.{chosen}.size_bytes", *fields["size (MB)"][0]), 1e-6)
+    elif batch_size != 1:
+        fields[LATENCY_COLUMN] = ((f"efficiency.latency_ms_bs{batch_size}",), 1.0)
+    return {latency_column(settings) if name == LATENCY_COLUMN else name: value for name, value in fields.items()}
+
+
+def latency_column(settings: dict[str, Any]) -> str:
+    chosen, batch_size = settings.get("latency_format"), int(settings.get("latency_batch_size") or 1)
+    return f"latency bs{batch_size} (ms{', ' + chosen if chosen else ''})"
 
 
 ONE_CLASS_MARK = "†"
@@ -184,7 +210,7 @@ def build_table(runs: Sequence[dict[str, Any]], settings: dict[str, Any] | None 
         key = (failure.row, failure.column)
         cells.setdefault(key, Cell([], _published(reference, *key))).failed_runs += 1
     extras: dict[str, dict[str, float]] = {}
-    for name, (paths, factor) in EFFICIENCY_FIELDS.items():
+    for name, (paths, factor) in efficiency_fields(chosen).items():
         measured = {row: [v * factor for v in (_first_field(r, paths) for r in members) if v is not None] for row, members in per_row.items()}
         values = {row: statistics.fmean(found) for row, found in measured.items() if found}
         if values:
@@ -306,8 +332,9 @@ def write_report(runs: Sequence[dict[str, Any]], out_dir: Path, settings: dict[s
     write_csv(table, written["csv"])
     written["md"].write_text(to_markdown(table))
     written["tex"].write_text(to_latex(table))
-    metric = report_settings(runs, settings)["metric"]
-    for name, x_name in {"parameters": "params (M)", "size": "size (MB)", "latency": "latency bs1 (ms)"}.items():
+    chosen = report_settings(runs, settings)
+    metric = chosen["metric"]
+    for name, x_name in {"parameters": "params (M)", "size": "size (MB)", "latency": latency_column(chosen)}.items():
         points = _pareto_points(table, x_name)
         if len(points) >= 2:
             paths = plot_pareto(points, x_name, f"{metric} (x100)", out_dir / f"pareto_{name}", title=table.title.split(":")[0])
@@ -354,9 +381,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--reference", help="published numbers: a name in kdrun/report/references or a YAML path")
     parser.add_argument("--relative-to", help="show every cell minus this row's value in its column")
     parser.add_argument("--out", type=Path, help="where to write summary.* (default: the first path)")
+    parser.add_argument("--latency-format", help="the latency column and Pareto plot of this deployment format (fp32, int8, onnx, onnx_int8, ...)")
+    parser.add_argument("--latency-batch-size", type=int, help="... at this batch size (default 1)")
     args = parser.parse_args(argv)
     settings = {"rows": args.rows, "columns": args.columns, "metric": args.metric, "scale": args.scale,
-                "reference": args.reference, "relative_to": args.relative_to}
+                "reference": args.reference, "relative_to": args.relative_to, "latency_format": args.latency_format,
+                "latency_batch_size": args.latency_batch_size}
     try:
         runs = load_runs(args.paths)
         written = write_report(runs, args.out or args.paths[0], settings)

@@ -3,6 +3,7 @@
 from kdrun.stages import (  # noqa: F401
     augment,
     evaluate,
+    export,
     finetune_teacher,
     fit_mlm_head,
     general_distill,

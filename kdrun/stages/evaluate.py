@@ -65,7 +65,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     if settings.measure_latency:
         timing = LatencySettings(tuple(settings.latency_batch_sizes), settings.latency_warmup, settings.latency_repeats)
         latency = (timing, {bs: latency_inputs(tokenizer, *texts, bs, settings.latency_seq_length) for bs in timing.batch_sizes})
-    graph = materialize(copy.deepcopy(model)) if plan is not None else model
+    graph = materialize(enable_fake_quantization(copy.deepcopy(model), plan)) if plan is not None else model
     rows = format_rows(graph, [*settings.formats, main_format], task, dev_sets, collate, settings.batch_size, latency, required=main_format)
     efficiency.update(rows[main_format].latency or {})
     if plan is not None:
