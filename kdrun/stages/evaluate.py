@@ -26,7 +26,7 @@ from kdrun.models.measure import size_on_disk
 from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, materialize
 from kdrun.quant.size import packed_size
 from kdrun.report.tables import wide_console
-from kdrun.pipeline import PipelineError, Stage, StageOutput, register
+from kdrun.contract import MODEL_INPUT, PipelineError, StageOutput
 from kdrun.precision import Precision, resolve_precision
 from kdrun.predict import logits_to_predictions, main_metric_key, predict_logits, score_dev_sets
 from kdrun.stages import task_data
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
     task = task_data.task_of(cfg)
     settings = cfg.evaluate
-    source = list(inputs.values())[-1]
+    source = inputs[MODEL_INPUT]
     model_dir = source.path / "model"
     accelerator = get_accelerator(cfg.device)
     precision = resolve_precision(cfg.device)
@@ -155,16 +155,3 @@ def check(cfg: DictConfig) -> None:
     task_data.check_data_available(cfg)
     if cfg.evaluate.predict_test:  # read now, not after every model of the run has trained
         task_data.test_examples(cfg)
-
-
-STAGE = register(
-    Stage(
-        name="evaluate",
-        run=run,
-        check=check,
-        reads=("task", "data.max_seq_length", "data.max_eval_examples", "data.sample_seed", "evaluate"),
-        sources=("glue",),
-        consumes_model=True,
-        cached=False,
-    )
-)
