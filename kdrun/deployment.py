@@ -22,6 +22,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from rich.table import Table
 
 from kdrun.data.tasks import TaskSpec
 from kdrun.metrics import Evaluation
@@ -158,3 +159,25 @@ def format_rows(
         logger.info("evaluate: %s %s", name, ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
     return rows
 
+
+def deployment_table(deployment: dict[str, dict[str, Any]], main_metric: str, title: str) -> Table:
+    """Formats side by side: dev score, agreement with fp32, latency and speed-up per batch size."""
+    batch_sizes = sorted({int(k.removeprefix("latency_ms_bs")) for row in deployment.values() for k in row if k.startswith("latency_ms_bs")})
+    table = Table(title=title)
+    for column in ("format", f"dev {main_metric}", "agrees with fp32", "max |Δ| vs fp32"):
+        table.add_column(column, justify="left" if column == "format" else "right")
+    for batch_size in batch_sizes:
+        table.add_column(f"ms bs{batch_size}", justify="right")
+        table.add_column(f"× fp32 bs{batch_size}", justify="right")
+    for name, row in deployment.items():
+        if "skipped" in row:
+            table.add_row(name, f"skipped: {row['skipped']}")
+            continue
+        agree = row.get("agreement_with_fp32")
+        diff = row.get("max_abs_diff_vs_fp32")
+        cells = [name, f"{100 * row['main_score']:.2f}", "" if agree is None else f"{100 * agree:.2f}%", "" if diff is None else f"{diff:.3g}"]
+        for batch_size in batch_sizes:
+            ms, speedup = row.get(f"latency_ms_bs{batch_size}"), row.get(f"speedup_vs_fp32_bs{batch_size}")
+            cells += ["" if ms is None else f"{ms:.1f}", "" if speedup is None else f"{speedup:.2f}"]
+        table.add_row(*cells)
+    return table

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import filelock
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 PACKAGE_PREFIX = "package:"
 MEMO_FILE = "fingerprints.json"
@@ -150,12 +150,13 @@ def _teacher(cfg: DictConfig, memo: HashMemo) -> Any:
 
 
 def _student_init(cfg: DictConfig, memo: HashMemo) -> Any:
-    init = cfg.student.init
-    return init if init in ("random", "teacher") else path_fingerprint(init, memo)
+    init = OmegaConf.select(cfg, "student.init", default=None)  # a BiLSTM starts from nothing but its embeddings
+    return init if init in (None, "random", "teacher") else path_fingerprint(init, memo)
 
 
 def _student_glove(cfg: DictConfig, memo: HashMemo) -> Any:
-    return path_fingerprint(cfg.student.glove, memo) if cfg.student.kind == "bilstm" and cfg.student.embeddings == "glove" else None
+    glove = OmegaConf.select(cfg, "student.glove", default=None)  # BiLSTM students only
+    return path_fingerprint(glove, memo) if glove is not None and cfg.student.embeddings == "glove" else None
 
 
 def _augment_glove(cfg: DictConfig, memo: HashMemo) -> Any:

@@ -16,7 +16,6 @@ entry (a file missing, truncated or changed) is reported, moved aside to
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,10 +28,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import filelock
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from kdrun import __version__
-from kdrun.config import to_container
+from kdrun.contract import (
+    MODEL_INPUT, PipelineError, Stage, StageOutput, UndeclaredRead, cache_root_of, config_slice, stage_key, stage_view,
+)
+
+__all__ = [
+    "PipelineError", "PlannedStage", "Stage", "StageCache", "StageOutput", "cache_root_of", "config_slice", "plan", "run_pipeline",
+    "stage_key",
+]
 
 if TYPE_CHECKING:
     from kdrun.fingerprint import HashMemo
@@ -42,104 +49,22 @@ logger = logging.getLogger(__name__)
 MANIFEST = "stage.json"
 
 
-class PipelineError(ValueError):
-    """The pipeline cannot run as configured; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class StageOutput:
-    """A completed stage: where its files are and what it reported."""
-
-    name: str
-    key: str
-    path: Path
-    summary: dict[str, Any]
-    cache: str  # "computed", "resumed", "hit" or "uncached"
-    seconds: float = 0.0
-
-
-StageRun = Callable[[DictConfig, dict[str, StageOutput], Path], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A pipeline stage: a plain function plus what it reads and consumes.
-
-    ``reads``: dotted config paths that determine its output (the cache key).
-    ``requires``: stages that must run before it (their keys join its key).
-    ``uses``: stages it takes when they run before it (e.g. task distillation starts
-    from general distillation's student when there is one), else goes without.
-    ``wants``: given the config and the name of one of ``uses``, whether this config
-    needs it (None: always). A listed stage that later stages could use but none
-    wants is skipped (e.g. fit_mlm_head when augmentation is not TinyBERT's).
-    ``consumes_model``: it takes the model of the last model-producing stage before it.
-    ``cached``: False for stages whose output belongs to the run (evaluation, reports).
-    ``version``: bump when the stage's code changes what it computes.
-    ``uses_precision``: whether (given the config) the stage computes in the run's
-    precision, so that it joins the key: a bf16-trained teacher is another artefact
-    than an fp32 one. The resolved precision (never ``auto``) is what is keyed.
-    ``sources``: the data it reads from outside the cache (names in
-    ``kdrun.fingerprint.SOURCES``: ``glue``, ``corpus``, ``teacher``, ...); their
-    content hashes join the key.
-    """
-
-    name: str
-    run: StageRun
-    reads: tuple[str, ...] = ()
-    requires: tuple[str, ...] = ()
-    uses: tuple[str, ...] = ()
-    wants: Callable[[DictConfig, str], bool] | None = None
-    consumes_model: bool = False
-    produces_model: bool = False
-    cached: bool = True
-    check: Callable[[DictConfig], None] | None = None
-    version: str = "1"
-    uses_precision: bool | Callable[[DictConfig], bool] = True
-    sources: tuple[str, ...] = ()
-
-
 @dataclass
 class PlannedStage:
     stage: Stage
     inputs: list[str]
     key: str
     slice: dict[str, Any] = field(default_factory=dict)
-
-
-_REGISTRY: dict[str, Stage] = {}
-
-
-def register(stage: Stage) -> Stage:
-    _REGISTRY[stage.name] = stage
-    return stage
+    # The stage whose model a ``consumes_model`` stage takes (its input named ``model``).
+    model_from: str | None = None
 
 
 def registered_stages() -> dict[str, Stage]:
-    import kdrun.stages  # noqa: F401  (registers the built-in stages)
+    """Every stage a pipeline may list: the built-in table (``kdrun.stages.STAGES``), which names each
+    stage's code without importing it, so that planning loads no model library."""
+    from kdrun.stages import STAGES
 
-    return dict(_REGISTRY)
-
-
-def config_slice(cfg: DictConfig, paths: tuple[str, ...]) -> dict[str, Any]:
-    """The resolved values of ``paths``; what a stage's output depends on."""
-    values: dict[str, Any] = {}
-    for path in paths:
-        node = OmegaConf.select(cfg, path, throw_on_missing=True)
-        values[path] = to_container(node)
-    return values
-
-
-def cache_root_of(output: StageOutput) -> Path:
-    """The cache directory holding a cached stage's output (``<root>/<stage>/<key>``): where data that
-    several stages share, such as a teacher's logits, is kept beside the stage outputs."""
-    return output.path.parent.parent
-
-
-def stage_key(name: str, version: str, slice_: dict[str, Any], input_keys: dict[str, str]) -> str:
-    payload = json.dumps(
-        {"stage": name, "version": version, "config": slice_, "inputs": input_keys}, sort_keys=True, default=str
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return dict(STAGES)
 
 
 PRECISION_KEY = "device.precision"
@@ -192,18 +117,21 @@ def plan(cfg: DictConfig, memo: "HashMemo | None" = None) -> list[PlannedStage]:
         if missing:
             raise PipelineError(f"Stage '{name}' needs {missing} to run before it in pipeline.stages ({names}).")
         inputs = list(stage.requires) + [u for u in stage.uses if u in before and _wanted(cfg, stage, u)]
+        model_from = None
         if stage.consumes_model:
             producers = [n for n in before if stages[n].produces_model]
             if not producers:
                 raise PipelineError(f"Stage '{name}' needs a model-producing stage before it in pipeline.stages ({names}).")
-            inputs.append(producers[-1])
-        slice_ = config_slice(cfg, stage.reads)
+            model_from = producers[-1]
+            if model_from not in inputs:
+                inputs.append(model_from)
+        slice_ = config_slice(cfg, stage.reads_for(cfg))
         if _uses_precision(stage, cfg):
             slice_[PRECISION_KEY] = precision
         if stage.sources:
             slice_[SOURCES_KEY] = fingerprint_sources(cfg, stage.sources, memo)
         keys[name] = stage_key(name, stage.version, slice_, {i: keys[i] for i in inputs})
-        planned.append(PlannedStage(stage, inputs, keys[name], slice_))
+        planned.append(PlannedStage(stage, inputs, keys[name], slice_, model_from))
     return planned
 
 
@@ -429,14 +357,29 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, StageOutput]:
     outputs: dict[str, StageOutput] = {}
     for step in planned:
         inputs = {name: outputs[name] for name in step.inputs}
+        if step.model_from is not None:
+            inputs[MODEL_INPUT] = outputs[step.model_from]
         stage = step.stage
+        view = stage_view(cfg, stage)
         if stage.cached:
             outputs[stage.name] = cache.get_or_compute(
-                step, lambda out, s=stage, i=inputs: s.run(cfg, i, out), force=stage.name in cfg.cache.force
+                step, lambda out, s=stage, v=view, i=inputs: _run_stage(s, v, i, out), force=stage.name in cfg.cache.force
             )
         else:
             started = time.time()
-            summary = stage.run(cfg, inputs, run_dir)
+            summary = _run_stage(stage, view, inputs, run_dir)
             outputs[stage.name] = StageOutput(stage.name, step.key, run_dir, summary, "uncached", time.time() - started)
         logger.info("%s: done (%s).", stage.name, outputs[stage.name].cache)
     return outputs
+
+
+def _run_stage(stage: Stage, view: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+    """``stage.run`` on its view of the config; a read outside the view names the stage and the key."""
+    try:
+        return stage.run(view, inputs, out_dir)
+    except (ConfigAttributeError, ConfigKeyError) as error:
+        full_key = getattr(error, "full_key", None) or str(error).splitlines()[0]
+        raise UndeclaredRead(
+            f"Stage '{stage.name}' read the config setting {full_key}, which its declaration (kdrun/stages/__init__.py) "
+            "does not list: add it to the stage's reads (keyed) or unkeyed."
+        ) from error

@@ -134,11 +134,12 @@ def cpu_native_bf16() -> tuple[bool, str]:
 
 
 def device_type_of(device: Any) -> str:
-    """cpu or cuda, as ``device.type`` resolves on this machine (auto: CUDA when one is visible)."""
-    import torch
-
+    """cpu or cuda, as ``device.type`` resolves on this machine (auto: CUDA when one is visible). Only
+    ``auto`` asks torch, so that planning an explicit device loads no torch."""
     if device.type == "cpu":
         return "cpu"
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

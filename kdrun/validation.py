@@ -7,8 +7,6 @@ fixes a config in one round instead of one traceback per run. Settings of a stag
 that is not in ``pipeline.stages`` (or of a step with ``enabled: false``) are not
 checked: a disabled stage's values must not block a run.
 
-:func:`check_tinybert_teacher` is shared by the stage checks that distil a
-teacher's layers (general and task distillation).
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ _PATH_CUTOFF = 0.85
 def unknown_key_problems(cfg: DictConfig) -> list[str]:
     """One line per key of ``cfg`` that the schema lacks (Hydra's ``+key=value`` adds such keys
     unchecked, so a misspelt setting would otherwise be ignored in silence)."""
-    schema = dict(schema_fields())
+    schema = dict(schema_fields(actual=cfg))
     tree = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
     known = sorted(schema)
     return [_unknown_key_line(path, known) for path in _unknown_paths(tree, schema, "")]
@@ -179,7 +177,7 @@ VALUE_BOUNDS: dict[str, Bound] = {
     "evaluate.latency_repeats": AT_LEAST_ONE,
     "general_distill.max_seq_length": SEQUENCE_LENGTH,
     "general_distill.max_sequences": OPTIONAL_AT_LEAST_ONE,
-    "general_distill.mlm_probability": MASKING_RATE,
+    "distill.mlm_probability": MASKING_RATE,
     "fit_mlm_head.max_seq_length": SEQUENCE_LENGTH,
     "fit_mlm_head.max_sequences": OPTIONAL_AT_LEAST_ONE,
     "fit_mlm_head.heldout_sequences": Bound(low=1, why="masked-token accuracy is measured on them"),
@@ -203,6 +201,7 @@ VALUE_BOUNDS: dict[str, Bound] = {
 }
 """Other settings that would otherwise fail (or silently do nothing) only once a stage computes."""
 
+_ABSENT = object()
 # Sections read by a stage other than the one they are named after.
 _SECTION_OWNERS = {"quantize.hessian": "sensitivity"}
 
@@ -211,7 +210,8 @@ def value_problems(cfg: DictConfig, stage_names: set[str]) -> list[str]:
     """One line per setting out of bounds, among those the configured stages read.
 
     ``stage_names``: every registered stage; a path under one of them (``quantize.train``) is
-    checked only when that stage is in ``pipeline.stages``; other paths (``data``, ``student``) always.
+    checked only when that stage is in ``pipeline.stages``; other paths (``data``, ``student``) always,
+    when the chosen method or student kind has them.
     """
     active = set(cfg.pipeline.stages)
     bounds = {f"{node}.{name}": bound for node in schema_paths_of_type(TrainConfig) for name, bound in TRAIN_BOUNDS.items()}
@@ -221,7 +221,9 @@ def value_problems(cfg: DictConfig, stage_names: set[str]) -> list[str]:
         owner = _owner(path, stage_names)
         if (owner is not None and owner not in active) or _disabled(cfg, path):
             continue
-        value = OmegaConf.select(cfg, path, throw_on_missing=False)
+        value = OmegaConf.select(cfg, path, throw_on_missing=False, default=_ABSENT)
+        if value is _ABSENT:  # another method's or student kind's setting
+            continue
         value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         if not bound.admits(value):
             problems.append(_value_line(path, value, bound))
@@ -283,52 +285,3 @@ def format_problems(problems: list[str]) -> str:
     if len(problems) == 1:
         return f"Invalid config: {problems[0]}"
     return f"Invalid config ({len(problems)} problems):\n" + "\n".join(f"  {line}" for line in problems)
-
-
-# --------------------------------------------------------------------------- shared stage checks
-
-
-def check_tinybert_teacher(
-    objective: Any, student_config: Any, teacher_config: Any, teacher_path: str, weights_key: str
-) -> None:
-    """Fail before any training when TinyBERT's layer losses cannot run on this teacher.
-
-    ``objective``: the :class:`~kdrun.distill.losses.TinyBertObjective` the stage will train with
-    (only the layers it captures matter); ``weights_key``: where its weights are set (for the message).
-    Layer capture (``kdrun.models.capture``) needs a BERT-style encoder (``embeddings`` and
-    ``encoder.layer[i].attention.self``), which e.g. DistilBERT is not; and the attention loss
-    compares attention maps head by head, so student and teacher need equal head counts.
-    """
-    from kdrun.pipeline import PipelineError
-
-    request = objective.capture_request(student=False)
-    captures = bool(request["attention_layers"] or request["hidden_layers"] or request["want_embeddings"])
-    if captures:
-        reason = _capture_unsupported(teacher_config)
-        if reason is not None:
-            raise PipelineError(
-                f"The teacher at teacher.path={teacher_path} ({teacher_config.model_type}) cannot be distilled layer by "
-                f"layer: {reason}. Use a BERT-architecture teacher, or distil its predictions only "
-                "(task_distill.intermediate.enabled=false, without general_distill)."
-            )
-    student_heads, teacher_heads = student_config.num_attention_heads, teacher_config.num_attention_heads
-    if request["attention_layers"] and student_heads != teacher_heads:
-        raise PipelineError(
-            f"Attention distillation compares attention maps head by head, but student.num_attention_heads={student_heads} "
-            f"and the teacher at teacher.path={teacher_path} has {teacher_heads} heads. Set "
-            f"student.num_attention_heads={teacher_heads} (student.hidden_size must be a multiple of it), "
-            f"or {weights_key}.attention=0."
-        )
-
-
-def _capture_unsupported(teacher_config: Any) -> str | None:
-    """Why layer capture cannot run on models of this config (None: it can), found by building the
-    architecture on the meta device (no memory, no weights) and asking capture for its layers."""
-    import torch
-    from transformers import AutoModel
-
-    from kdrun.models.capture import unsupported_because
-
-    with torch.device("meta"):
-        model = AutoModel.from_config(teacher_config)
-    return unsupported_because(model)

@@ -29,7 +29,8 @@ import transformers
 from kdrun.data.batching import length_grouped_batches, tokenize_examples
 from kdrun.data.glue import load_glue_split, sample_examples
 from kdrun.data.tasks import get_task
-from kdrun.distill.tinybert import StudentWithProjections, objective_from_config, tinybert_loss
+from kdrun.distill.layers import StudentWithProjections, layer_loss
+from kdrun.methods import method_named
 from kdrun.models.capture import CapturedOutputs
 from kdrun.models.loading import load_for_sequence_classification
 from kdrun.models.students import student_for_task
@@ -83,8 +84,7 @@ def main() -> None:
     collate = collator(tokenizer, task)
     batches = [collate([features[i] for i in b]) for b in length_grouped_batches(features["length"], args.batch_size, 0)]
     student_cfg = OmegaConf.create({"num_hidden_layers": 4, "hidden_size": 312, "intermediate_size": 1200, "num_attention_heads": 12})
-    distill = OmegaConf.create({"temperature": 1.0, "scale_by_t2": False, "attention_target": "scores", "mapping": {"kind": "uniform", "layers": None}})
-    weights = {"embedding": 1.0, "attention": 1.0, "hidden": 1.0, "prediction": 0.0}
+    distill = OmegaConf.structured(method_named("tinybert").config)
 
     if args.precision == "both":
         variants = {"fp32": ("kdrun", "fp32"), "bf16": ("kdrun", "bf16")}
@@ -96,11 +96,11 @@ def main() -> None:
             precision = Precision(precision_name, "cpu")
             torch.manual_seed(0)
             student = student_for_task(student_cfg, teacher.config, task, None)
-            objective, projections = objective_from_config(distill, weights, student.config, teacher.config)
-            model = StudentWithProjections(student, projections)
+            objective = method_named("tinybert").layer_objective(distill, student.config, teacher.config, "task_distill")
+            model = StudentWithProjections(student, objective.projections)
             optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, fused=True)
             if capture == "kdrun":  # the frozen teacher as kdrun runs it: weights in the step's precision
-                loss_fn = tinybert_loss(precision.inference_model(teacher), objective, task.is_regression)
+                loss_fn = layer_loss(precision.inference_model(teacher), objective, task.is_regression)
             else:
                 loss_fn = naive_loss(naive_teacher, objective, task.is_regression)
             started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Capture what TinyBERT distills from unmodified Hugging Face BERT-family models.
+"""Capture what layer distillation reads (TinyBERT, MiniLM) from unmodified Hugging Face BERT-family models.
 
 No modeling code is forked. transformers 5 routes every self-attention call through
 ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)``, so this module
@@ -19,7 +19,9 @@ stay as fast as usual. Probes are removed after the call. This does not rely on
 Captured layers run the same arithmetic as transformers' eager attention: scores = QK^T * scaling,
 plus the additive mask (0 / dtype-min, as the eager mask builder makes it), softmax, dropout,
 times V. Recorded are either the scores *without* the additive mask (``attention_target="scores"``;
-the loss zeroes padded keys itself) or the softmax probabilities before dropout (``"probs"``).
+the loss zeroes padded keys itself) or the softmax probabilities before dropout (``"probs"``), and,
+for ``value_layers``, the value vectors V the attention function received, [batch, heads, key, head
+size] (MiniLM's value relation; every position, padding included).
 
 Hidden states and embeddings come from forward hooks on the encoder layers and the embeddings
 module, so only requested layers are kept. With ``want_logits=False`` the base model
@@ -63,6 +65,7 @@ class CapturedOutputs:
     embeddings: Tensor | None = None
     hidden_states: dict[int, Tensor] = field(default_factory=dict)
     attention_scores: dict[int, Tensor] = field(default_factory=dict)  # [batch, heads, query, key]
+    values: dict[int, Tensor] = field(default_factory=dict)  # [batch, heads, key, head size]
     logits: Tensor | None = None
 
 
@@ -72,7 +75,8 @@ class _Probe:
 
     layer: int
     target: str
-    sink: dict[int, Tensor]
+    sink: dict[int, Tensor] | None  # attention maps, when this layer's are wanted
+    values: dict[int, Tensor] | None = None  # value vectors, when this layer's are wanted
 
 
 def _capturing_attention(
@@ -106,7 +110,10 @@ def _capturing_attention(
             )
         weights = weights + attention_mask
     probs = nn.functional.softmax(weights, dim=-1)
-    probe.sink[probe.layer] = scores if probe.target == "scores" else probs
+    if probe.sink is not None:
+        probe.sink[probe.layer] = scores if probe.target == "scores" else probs
+    if probe.values is not None:
+        probe.values[probe.layer] = value
     dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
     output = torch.matmul(dropped, value).transpose(1, 2).contiguous()
     return output, probs
@@ -173,9 +180,13 @@ def attention_implementation(model: PreTrainedModel, implementation: str) -> Ite
 
 
 @contextmanager
-def _probes(modules: Mapping[int, nn.Module], target: str, sink: dict[int, Tensor]) -> Iterator[None]:
+def _probes(
+    modules: Mapping[int, nn.Module], target: str, captured: CapturedOutputs, attention_layers: set[int], value_layers: set[int]
+) -> Iterator[None]:
     for number, module in modules.items():
-        setattr(module, _PROBE_ATTR, _Probe(number, target, sink))
+        sink = captured.attention_scores if number in attention_layers else None
+        values = captured.values if number in value_layers else None
+        setattr(module, _PROBE_ATTR, _Probe(number, target, sink, values))
     try:
         yield
     finally:
@@ -196,12 +207,14 @@ def forward_with_capture(
     want_embeddings: bool,
     want_logits: bool,
     attention_target: str = "scores",
+    value_layers: set[int] = frozenset(),
 ) -> CapturedOutputs:
     """Run ``model`` on ``inputs`` once and return only the requested internals.
 
     ``attention_layers`` / ``hidden_layers`` are 1-based layer numbers. Attention maps are
     [batch, heads, query, key]: pre-softmax scores QK^T/sqrt(d_k) *without* the padding mask for
     ``attention_target="scores"``, or softmax probabilities (before dropout) for ``"probs"``.
+    ``value_layers``: 1-based layers whose value vectors [batch, heads, key, head size] to keep.
     ``labels`` in ``inputs`` are ignored (no loss is computed). See the module docstring for how
     layers are identified and why un-requested layers keep using fused SDPA.
     """
@@ -209,7 +222,7 @@ def forward_with_capture(
         raise ValueError(f"attention_target must be one of {ATTENTION_TARGETS}, got {attention_target!r}")
     if getattr(model.config, "is_decoder", False):
         raise ValueError("capture supports bidirectional encoders only; this model is configured as a decoder")
-    if not (attention_layers or hidden_layers or want_embeddings):
+    if not (attention_layers or hidden_layers or want_embeddings or value_layers):
         # Logits only (prediction-layer distillation): a plain forward, for any model with a
         # head, BERT-style or not (DistilBERT, the BiLSTM student).
         if not want_logits:
@@ -223,6 +236,7 @@ def forward_with_capture(
     layers = base.encoder.layer
     _check_layers(set(attention_layers), len(layers), "attention")
     _check_layers(set(hidden_layers), len(layers), "hidden-state")
+    _check_layers(set(value_layers), len(layers), "value")
     if want_logits and base is model:
         raise ValueError(_NO_HEAD.format(name=type(model).__name__))
 
@@ -243,16 +257,17 @@ def forward_with_capture(
             stack.callback(base.embeddings.register_forward_hook(keep_embeddings).remove)
         for number in sorted(hidden_layers):
             stack.callback(layers[number - 1].register_forward_hook(keep_hidden(number)).remove)
-        if attention_layers:
+        probed = set(attention_layers) | set(value_layers)
+        if probed:
             _ensure_registered()
-            modules = {number: _self_attention(layers[number - 1], number) for number in sorted(attention_layers)}
+            modules = {number: _self_attention(layers[number - 1], number) for number in sorted(probed)}
             stack.enter_context(attention_implementation(model, CAPTURE_IMPLEMENTATION))
-            stack.enter_context(_probes(modules, attention_target, captured.attention_scores))
+            stack.enter_context(_probes(modules, attention_target, captured, set(attention_layers), set(value_layers)))
         if want_logits:
             captured.logits = model(**model_inputs, return_dict=True).logits
         else:
             base(**model_inputs, return_dict=True)
-    missing = sorted(set(attention_layers) - set(captured.attention_scores))
+    missing = sorted((set(attention_layers) - set(captured.attention_scores)) | (set(value_layers) - set(captured.values)))
     if missing:
         raise RuntimeError(f"attention of layers {missing} was requested but never computed; is this a BERT encoder?")
     return captured

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import datasets
 from omegaconf import DictConfig
 
 from kdrun.data.glove import NeighbourTable
@@ -29,7 +28,8 @@ from kdrun.augment.tinybert import COPIES_PER_TASK, TinyBertAugmenter, TinyBertS
 from kdrun.data.glue import sample_examples
 from kdrun.models.loading import load_checked_config
 from kdrun.models.masked_lm import load_masked_lm
-from kdrun.pipeline import PipelineError, Stage, StageOutput, register
+from kdrun.augment.shards import SHARDS
+from kdrun.contract import PipelineError, StageOutput
 from kdrun.stages import task_data
 from kdrun.precision import resolve_precision
 from kdrun.train import get_accelerator
@@ -37,7 +37,6 @@ from kdrun.train import get_accelerator
 logger = logging.getLogger(__name__)
 
 RECIPES = ("tang", "tinybert")
-SHARDS = "shards"
 
 Example = tuple[int, str, str | None]
 AugmentPart = Callable[[list[Example]], Iterator[dict[str, Any]]]
@@ -161,31 +160,3 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         "rows": rows_written, "copies": rows_written - len(examples), "shards": len(list(shard_dir.glob("*.jsonl"))),
         "seconds": round(time.perf_counter() - started, 1),
     }
-
-
-def load_augmented(output: StageOutput, task_is_regression: bool) -> datasets.Dataset | None:
-    """The augmented training set of an ``augment`` stage output (None when it passed through)."""
-    if output.summary.get("passthrough"):
-        return None
-    files = sorted(str(p) for p in (output.path / SHARDS).glob("shard-*.jsonl"))
-    label = datasets.Value("float32") if task_is_regression else datasets.Value("int64")
-    features = datasets.Features({
-        "id": datasets.Value("int64"), "source_id": datasets.Value("int64"), "text_a": datasets.Value("string"),
-        "text_b": datasets.Value("string"), "label": label,
-    })
-    return datasets.load_dataset("json", data_files=files, split="train", features=features)
-
-
-STAGE = register(
-    Stage(
-        name="augment",
-        version="2",  # 2: TinyBERT's stop words are the official code's; Tang's duplicate copies are discarded
-        run=run,
-        check=check,
-        reads=("task", "data.max_train_examples", "data.sample_seed", "augment"),
-        sources=("glue", "augment.glove", "augment.mlm_model", "spacy"),
-        uses=("fit_mlm_head",),
-        wants=lambda cfg, name: cfg.augment.name == "tinybert" and cfg.augment.mlm_model is None,
-        uses_precision=lambda cfg: cfg.augment.name == "tinybert",  # its masked LM runs in the run's precision
-    )
-)

@@ -20,13 +20,13 @@ from rich.table import Table
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kdrun.data.submission import write_glue_submission
-from kdrun.deployment import FORMATS, LatencySettings, format_rows, latency_inputs
+from kdrun.deployment import FORMATS, LatencySettings, deployment_table, format_rows, latency_inputs
 from kdrun.models.loading import count_parameters
 from kdrun.models.measure import size_on_disk
 from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, materialize
 from kdrun.quant.size import packed_size
 from kdrun.report.tables import wide_console
-from kdrun.pipeline import PipelineError, Stage, StageOutput, register
+from kdrun.contract import MODEL_INPUT, PipelineError, StageOutput
 from kdrun.precision import Precision, resolve_precision
 from kdrun.predict import logits_to_predictions, main_metric_key, predict_logits, score_dev_sets
 from kdrun.stages import task_data
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
     task = task_data.task_of(cfg)
     settings = cfg.evaluate
-    source = list(inputs.values())[-1]
+    source = inputs[MODEL_INPUT]
     model_dir = source.path / "model"
     accelerator = get_accelerator(cfg.device)
     precision = resolve_precision(cfg.device)
@@ -125,29 +125,6 @@ def print_summary(task_name: str, model_from: str, summary: dict[str, Any]) -> N
     console.print(deployment_table(summary["deployment"], summary["main_metric"], f"{task_name}: {model_from} model, deployment formats"))
 
 
-def deployment_table(deployment: dict[str, dict[str, Any]], main_metric: str, title: str) -> Table:
-    """Formats side by side: dev score, agreement with fp32, latency and speed-up per batch size."""
-    batch_sizes = sorted({int(k.removeprefix("latency_ms_bs")) for row in deployment.values() for k in row if k.startswith("latency_ms_bs")})
-    table = Table(title=title)
-    for column in ("format", f"dev {main_metric}", "agrees with fp32", "max |Δ| vs fp32"):
-        table.add_column(column, justify="left" if column == "format" else "right")
-    for batch_size in batch_sizes:
-        table.add_column(f"ms bs{batch_size}", justify="right")
-        table.add_column(f"× fp32 bs{batch_size}", justify="right")
-    for name, row in deployment.items():
-        if "skipped" in row:
-            table.add_row(name, f"skipped: {row['skipped']}")
-            continue
-        agree = row.get("agreement_with_fp32")
-        diff = row.get("max_abs_diff_vs_fp32")
-        cells = [name, f"{100 * row['main_score']:.2f}", "" if agree is None else f"{100 * agree:.2f}%", "" if diff is None else f"{diff:.3g}"]
-        for batch_size in batch_sizes:
-            ms, speedup = row.get(f"latency_ms_bs{batch_size}"), row.get(f"speedup_vs_fp32_bs{batch_size}")
-            cells += ["" if ms is None else f"{ms:.1f}", "" if speedup is None else f"{speedup:.2f}"]
-        table.add_row(*cells)
-    return table
-
-
 def check(cfg: DictConfig) -> None:
     unknown = [name for name in cfg.evaluate.formats if name not in FORMATS]
     if unknown:
@@ -155,16 +132,3 @@ def check(cfg: DictConfig) -> None:
     task_data.check_data_available(cfg)
     if cfg.evaluate.predict_test:  # read now, not after every model of the run has trained
         task_data.test_examples(cfg)
-
-
-STAGE = register(
-    Stage(
-        name="evaluate",
-        run=run,
-        check=check,
-        reads=("task", "data.max_seq_length", "data.max_eval_examples", "data.sample_seed", "evaluate"),
-        sources=("glue",),
-        consumes_model=True,
-        cached=False,
-    )
-)

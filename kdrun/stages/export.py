@@ -28,24 +28,23 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from kdrun import __version__
 from kdrun.data.tasks import TaskSpec
 from kdrun.deployment import FORMATS as PYTORCH_FORMATS
-from kdrun.deployment import FormatRow, LatencySettings, format_rows, latency_inputs, measure_latency
+from kdrun.deployment import FormatRow, LatencySettings, deployment_table, format_rows, latency_inputs, measure_latency
 from kdrun.export import FORMATS
 from kdrun.metrics import Evaluation
-from kdrun.models.loading import load_checked_config
+from kdrun.models.loading import load_checked_config, load_tokenizer, save_tokenizer
 from kdrun.models.measure import size_on_disk
-from kdrun.pipeline import PipelineError, Stage, StageOutput, register
+from kdrun.contract import MODEL_INPUT, PipelineError, StageOutput
 from kdrun.precision import Precision
 from kdrun.predict import logits_to_predictions, main_metric_key, score_dev_sets
 from kdrun.quant.int8 import export_int8
 from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, materialize
 from kdrun.report.tables import wide_console
 from kdrun.stages import task_data
-from kdrun.stages.evaluate import deployment_table
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +162,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     for stale in out_dir.iterdir():  # nothing to resume: an earlier attempt's files would only mislead
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     try:
-        return _export(cfg, list(inputs.values())[-1], out_dir)
+        return _export(cfg, inputs[MODEL_INPUT], out_dir)
     except BaseException:
         shutil.rmtree(out_dir / EXPORT_DIR, ignore_errors=True)
         raise
@@ -177,7 +176,7 @@ def _export(cfg: DictConfig, source: StageOutput, out_dir: Path) -> dict[str, An
     task = task_data.task_of(cfg)
     model_dir = (source.path / "model").resolve()
     threads = cfg.device.threads or torch.get_num_threads()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
     model, plan = load_deployable(model_dir)
     collate = task_data.collator(tokenizer, task)
     dev_examples = task_data.dev_examples(cfg)
@@ -188,7 +187,7 @@ def _export(cfg: DictConfig, source: StageOutput, out_dir: Path) -> dict[str, An
     directory = out_dir / EXPORT_DIR
     grids = (load_latent(model_dir, plan), plan) if plan is not None and settings.qbert_grids else None
     written = _write_graphs(settings, model, _example_batch(tokenizer, texts), directory, grids)
-    tokenizer.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
     model.config.save_pretrained(directory)
 
     latency = None
@@ -288,23 +287,6 @@ def check(cfg: DictConfig) -> None:
     task_data.check_data_available(cfg)
 
 
-STAGE = register(
-    Stage(
-        name="export",
-        version="1",
-        run=run,
-        check=check,
-        reads=(
-            "task", "data.max_seq_length", "data.max_eval_examples", "data.sample_seed", "export",
-            "evaluate.batch_size", "evaluate.latency_batch_sizes", "evaluate.latency_seq_length",
-            "evaluate.latency_warmup", "evaluate.latency_repeats", "evaluate.measure_latency", "device.threads",
-        ),
-        sources=("glue",),
-        consumes_model=True,
-        uses_precision=False,  # every format is measured in its own precision
-    )
-)
-
 
 # --------------------------------------------------------------------------- import_model
 
@@ -333,15 +315,4 @@ def check_import(cfg: DictConfig) -> None:
         raise PipelineError(f"export.model={cfg.export.model} is not a directory.")
     load_checked_config(str(Path(cfg.export.model).expanduser()))
 
-
-IMPORT_STAGE = register(
-    Stage(
-        name="import_model",
-        run=run_import,
-        check=check_import,
-        sources=("export.model",),  # keyed by the directory's content, not its path
-        produces_model=True,
-        uses_precision=False,
-    )
-)
 

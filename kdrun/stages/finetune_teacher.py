@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from kdrun.models.loading import classification_config, load_for_sequence_classification, load_tokenizer, check_tokenizer_matches, save_tokenizer
-from kdrun.pipeline import Stage, StageOutput, register
+from kdrun.contract import StageOutput
 from kdrun.predict import main_metric_key, model_inputs, score_dev_sets
 from kdrun.stages import task_data
 from kdrun.train import TrainingJob, seed_everything, train
@@ -56,24 +56,3 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     )
     outcome = train(job, settings.train, cfg.device, out_dir)
     return {"model_dir": "model", "train_examples": len(train_set), **outcome.summary()}
-
-
-STAGE = register(
-    Stage(
-        name="finetune_teacher",
-        version="2",  # 2: a checkpoint predicting one class for a whole dev split is never kept as the best
-        run=run,
-        check=check,
-        reads=(
-            "task",
-            "teacher.revision",
-            "data.max_seq_length",
-            "data.max_train_examples",
-            "data.max_eval_examples",
-            "data.sample_seed",
-            "finetune_teacher",
-        ),
-        sources=("glue", "teacher"),
-        produces_model=True,
-    )
-)

@@ -24,7 +24,7 @@ from kdrun.data.mlm import MaskingCollator
 from kdrun.models.masked_lm import masked_lm_head
 from kdrun.models.loading import load_checked_config, load_tokenizer, resolve_model_path, save_tokenizer
 from kdrun.metrics import Evaluation
-from kdrun.pipeline import Stage, StageOutput, register
+from kdrun.contract import StageOutput
 from kdrun.predict import model_inputs
 from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
 
@@ -128,14 +128,3 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         "heldout": outcome.best_metrics,
         **outcome.summary(),
     }
-
-
-STAGE = register(
-    Stage(
-        name="fit_mlm_head",
-        run=run,
-        check=check,
-        reads=("teacher.revision", "fit_mlm_head"),
-        sources=("teacher", "corpus"),
-    )
-)

@@ -30,10 +30,10 @@ from rich.table import Table
 from transformers import AutoModelForSequenceClassification
 
 from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
-from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits
+from kdrun.distill.layers import StudentWithProjections
+from kdrun.distill.teacher_logits import TeacherLogits
 from kdrun.metrics import Evaluation
-from kdrun.models.loading import load_tokenizer, save_tokenizer
-from kdrun.pipeline import PipelineError, Stage, StageOutput, register
+from kdrun.contract import MODEL_INPUT, PipelineError, StageOutput
 from kdrun.precision import Precision, device_type_of
 from kdrun.report.plots import plot_sensitivities
 from kdrun.predict import main_metric_key, score_dev_sets
@@ -41,8 +41,9 @@ from kdrun.quant.allocation import mixed_precision_bits, uniform_bits
 from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, encoder_layers
 from kdrun.quant.size import packed_size
 from kdrun.stages import task_data
-from kdrun.stages.sensitivity import print_sensitivity_table, read_sensitivities
+from kdrun.quant.sensitivity import print_sensitivity_table, read_sensitivities
 from kdrun.train import TrainingJob, seed_everything, train
+from kdrun.models.loading import load_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +64,6 @@ def check(cfg: DictConfig) -> None:
             raise PipelineError(f"quantize.mixed_bits / quantize.target_average_bits: {error}.") from error
         if "sensitivity" not in cfg.pipeline.stages:
             raise PipelineError("quantize=qbert_mp allocates bits by Hessian sensitivity: add 'sensitivity' before 'quantize' in pipeline.stages.")
-
-
-def wants(cfg: DictConfig, name: str) -> bool:
-    return name != "sensitivity" or cfg.quantize.name == "qbert_mp"
 
 
 def bit_plan(settings: DictConfig, num_layers: int, sensitivities: list[dict[str, Any]] | None) -> QuantizationPlan:
@@ -93,7 +90,7 @@ def print_bits_table(plan: QuantizationPlan, size: dict[str, Any], title: str) -
 
 def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
     settings = cfg.quantize
-    source_dir = list(inputs.values())[-1].path / "model"
+    source_dir = inputs[MODEL_INPUT].path / "model"
     if settings.name == "none":
         (out_dir / "model").symlink_to(source_dir.resolve(), target_is_directory=True)
         return {"model_dir": "model", "quantized": False}
@@ -161,20 +158,3 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         )
     print_bits_table(plan, size, title)
     return summary
-
-
-STAGE = register(
-    Stage(
-        name="quantize",
-        version="2",  # 2: a checkpoint predicting one class for a whole dev split is never kept as the best
-        run=run,
-        check=check,
-        reads=("task", "data.max_seq_length", "data.max_train_examples", "data.max_eval_examples", "data.sample_seed", "quantize"),
-        sources=("glue",),
-        uses=("sensitivity",),
-        wants=wants,
-        consumes_model=True,
-        produces_model=True,
-        uses_precision=False,  # fp32 always (see the module docstring)
-    )
-)

@@ -15,40 +15,22 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from rich.console import Console
-from rich.table import Table
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kdrun.data.glue import sample_examples
 from kdrun.models.capture import attention_implementation
-from kdrun.pipeline import Stage, StageOutput, register
+from kdrun.contract import MODEL_INPUT, StageOutput
 from kdrun.report.plots import plot_sensitivities
 from kdrun.predict import model_inputs
 from kdrun.quant.hessian import PowerIterationSettings, layer_sensitivities
 from kdrun.quant.modules import encoder_layers
+from kdrun.quant.sensitivity import RESULT_FILE, print_sensitivity_table
 from kdrun.stages import task_data
-
-RESULT_FILE = "sensitivity.json"
-
-
-def read_sensitivities(stage_dir: Path) -> list[dict[str, Any]]:
-    return json.loads((stage_dir / RESULT_FILE).read_text())["layers"]
-
-
-def print_sensitivity_table(layers: list[dict[str, Any]], bits: tuple[int, ...] | None = None, title: str = "") -> None:
-    table = Table(title=title or "Hessian sensitivity per encoder layer")
-    for column in ("layer", "top eigenvalue (mean)", "std", "mean + std") + (("bits",) if bits else ()):
-        table.add_column(column, justify="right")
-    for index, layer in enumerate(layers):
-        row = [str(layer["layer"]), f"{layer['mean']:.4g}", f"{layer['std']:.3g}", f"{layer['sensitivity']:.4g}"]
-        table.add_row(*row, *((str(bits[index]),) if bits else ()))
-    Console().print(table)
-
 
 def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
     settings = cfg.quantize.hessian
     task = task_data.task_of(cfg)
-    model_dir = list(inputs.values())[-1].path / "model"
+    model_dir = inputs[MODEL_INPUT].path / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     examples = sample_examples(task_data.train_examples(cfg), settings.batches * settings.batch_size, settings.seed)
@@ -71,16 +53,3 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     plot_sensitivities([s.mean for s in layers], [s.std for s in layers], out_dir / "sensitivity", title=f"{task.name}: Hessian sensitivity")
     print_sensitivity_table(rows)
     return {"batches": len(batches), "sensitivity": [round(s.sensitivity, 6) for s in layers]}
-
-
-STAGE = register(
-    Stage(
-        name="sensitivity",
-        version="2",  # 2: |mean| + std of the top eigenvalue (a negative one ranked as the least sensitive)
-        run=run,
-        reads=("task", "data.max_seq_length", "data.max_train_examples", "data.sample_seed", "quantize.hessian"),
-        sources=("glue",),
-        consumes_model=True,
-        uses_precision=False,  # Hessian power iteration stays fp32
-    )
-)

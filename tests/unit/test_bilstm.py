@@ -14,7 +14,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kdrun.data.tasks import get_task
 from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
-from kdrun.distill.tinybert import StudentWithProjections, TeacherLogits
+from kdrun.distill.layers import StudentWithProjections
+from kdrun.distill.teacher_logits import TeacherLogits
 from kdrun.models.bilstm import BiLstmConfig, BiLstmForSequenceClassification, training_vocabulary, word_tokenizer
 from kdrun.models.students import bilstm_student_for_task
 from kdrun.pipeline import plan

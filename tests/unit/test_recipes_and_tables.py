@@ -15,7 +15,7 @@ from kdrun.config import config_dir, register_configs
 from kdrun.recipes import AblationNotInRecipe, check_ablation, recipe_names, task_names
 
 CONF = Path(config_dir())
-RECIPES = ["bilstm", "bilstm_nokd", "distilbert", "mlm_head", "qbert", "teacher", "tinybert"]
+RECIPES = ["bilstm", "bilstm_nokd", "distilbert", "export_model", "minilm", "mlm_head", "qbert", "teacher", "tinybert"]
 
 
 def composed(*overrides: str):

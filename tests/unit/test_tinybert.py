@@ -11,7 +11,7 @@ from transformers import BertConfig
 
 from kdrun.data.corpus import packed_sequences
 from kdrun.distill.losses import WidthProjections
-from kdrun.distill.tinybert import TeacherLogits
+from kdrun.distill.teacher_logits import TeacherLogits
 from kdrun.models.students import new_general_student, student_bert_config
 
 from test_config import _compose
@@ -154,7 +154,7 @@ def test_table3_rows_remove_their_term_from_general_distillation_too() -> None:
     for row in ("none", "no_pred", "no_embd", "no_attn", "no_hidn", "no_trm"):
         cfg = _compose("experiment=tinybert_mrpc", f"ablation={row}")
         keys[row] = {p.stage.name: p.key for p in plan(cfg)}["general_distill"]
-        weights[row] = {k: cfg.general_distill.weights[k] for k in ("embedding", "attention", "hidden")}
+        weights[row] = {k: cfg.distill.general_weights[k] for k in ("embedding", "attention", "hidden")}
     assert keys["none"] == keys["no_pred"]
     assert len({keys[row] for row in ("none", "no_embd", "no_attn", "no_hidn", "no_trm")}) == 5
     assert weights == {
@@ -169,12 +169,12 @@ def test_table3_rows_remove_their_term_from_general_distillation_too() -> None:
 
 def test_a_student_as_wide_as_its_teacher_still_learns_fit_dense() -> None:
     """TinyBERT-6 beside a 768-wide teacher: the official code trains fit_dense at equal widths too."""
-    from kdrun.distill.tinybert import objective_from_config
+    from kdrun.methods import method_named
 
     teacher = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
     student = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    distill = OmegaConf.create({"temperature": 1.0, "scale_by_t2": False, "attention_target": "scores", "mapping": {"kind": "uniform", "layers": None}})
-    _, projections = objective_from_config(distill, {"embedding": 1.0, "attention": 1.0, "hidden": 1.0}, student, teacher)
+    distill = _compose("distill=tinybert").distill
+    projections = method_named("tinybert").layer_objective(distill, student, teacher, "task_distill").projections
     assert not projections.is_identity and projections.fit_dense.weight.shape == (32, 32)
 
 
@@ -260,8 +260,12 @@ def test_stsb_prediction_step_fits_the_gold_scores_as_the_official_code_does() -
     Tang et al.'s BiLSTM and classification tasks still distil the teacher's outputs."""
     import pytest
 
+    from kdrun.methods import method_of
     from kdrun.pipeline import PipelineError
-    from kdrun.stages.task_distill import _prediction_settings, check
+    from kdrun.stages.task_distill import check
+
+    def _prediction_settings(cfg):
+        return method_of(cfg).prediction_settings(cfg.distill, cfg.task.name == "stsb")
 
     assert _prediction_settings(_compose("experiment=tinybert_stsb")).hard_weight == 1.0
     assert _prediction_settings(_compose("experiment=tinybert_sst2")).hard_weight == 0.0

@@ -121,7 +121,14 @@ def test_every_train_node_of_the_schema_is_checked() -> None:
 
 
 def test_every_bounded_setting_is_in_the_schema() -> None:
+    """In the root schema, or in the node of a distillation method or a student kind (each a subclass node)."""
+    from kdrun.config import STUDENT_KINDS
+    from kdrun.methods import methods
+
     schema = dict(schema_fields())
+    for prefix, nodes in (("student.", STUDENT_KINDS.values()), ("distill.", [m.config for m in methods().values()])):
+        for node in nodes:
+            schema.update(schema_fields(node, prefix))
     assert [path for path in VALUE_BOUNDS if path not in schema] == []
     assert [name for name in TRAIN_BOUNDS if f"finetune_teacher.train.{name}" not in schema] == []
 
@@ -140,7 +147,8 @@ def test_settings_of_stages_that_do_not_run_are_not_checked() -> None:
 def test_data_evaluate_and_quantize_settings() -> None:
     with pytest.raises(PipelineError) as error:
         plan(_compose("experiment=qbert_sst2", "data.max_seq_length=4", "data.max_train_examples=0", "data.max_eval_examples=0",
-                      "evaluate.batch_size=0", "quantize.weight_bits=9", "quantize.groups=0", "student.num_attention_heads=0"))
+                      "evaluate.batch_size=0", "quantize.weight_bits=9", "quantize.groups=0", "student=tinybert4",
+                      "student.num_attention_heads=0"))
     lines = _problem_lines(error)
     assert "data.max_seq_length=4 must be >= 8 ([CLS] and [SEP] leave too few tokens of text)." in lines
     assert "data.max_train_examples=0 must be null or >= 1 (0 examples leave nothing to train on)." in lines
@@ -264,7 +272,7 @@ def test_model_directory_without_weights_is_a_setup_error(tiny_bert_dir: Path, t
 def test_head_count_mismatch_fails_before_the_teacher_is_fine_tuned(glue_dir: Path, corpus_file: Path) -> None:
     cfg = _compose("experiment=tinybert_sst2", "student.num_attention_heads=4", f"data.glue_dir={glue_dir}", f"data.corpus={corpus_file}")
     message = r"compares attention maps head by head, but student.num_attention_heads=4 and the teacher .* has 12 heads"
-    with pytest.raises(PipelineError, match=message + r".*general_distill.weights.attention=0"):
+    with pytest.raises(PipelineError, match=message + r".*distill.general_weights.attention=0"):
         _check_before_compute(cfg)
     # Task distillation's intermediate step (the one that matters without general distillation) checks it too.
     with pytest.raises(PipelineError, match=message + r".*distill.weights.attention=0"):
