@@ -5,7 +5,8 @@
 It reads, under ``docs/measurements``:
 
 - ``runs/<name>/results.json``: copies of the results.json of real runs (``kdrun.results``), each a row of the
-  runs table (its command rebuilt from its overrides) and, when it has one, a deployment table;
+  runs table (its command rebuilt from its overrides) and, when it has one, a deployment table; an optional
+  ``runs/<name>/note.md`` (one line) says what the record shows or under which conditions it was measured;
 - ``resume_matrix.json``: the kill/resume matrix of ``scripts/resume_matrix.py``;
 - ``bench_*.json``: what the benchmarks printed, one table per file.
 
@@ -52,10 +53,18 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[Any]]) -> list[str]:
     return lines
 
 
+NOTE_FILE = "note.md"
+
+
 def load_records(measurements: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(name, results.json record) of every stored run, by name."""
-    found = sorted((measurements / RUNS_DIR).glob(f"*/{RESULTS_FILE}"))
-    return [(path.parent.name, json.loads(path.read_text())) for path in found]
+    """(name, results.json record) of every stored run, by name; its note.md, if any, as ``_note``."""
+    records = []
+    for path in sorted((measurements / RUNS_DIR).glob(f"*/{RESULTS_FILE}")):
+        record = json.loads(path.read_text())
+        note = path.parent / NOTE_FILE
+        record["_note"] = " ".join(note.read_text().split()) if note.is_file() else ""
+        records.append((path.parent.name, record))
+    return records
 
 
 def _stage_minutes(record: dict[str, Any]) -> str:
@@ -74,9 +83,9 @@ def runs_section(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
         one_class = " †" if record.get("predicts_one_class") else ""
         rows.append([
             name, f"`{_command(record)}`", record.get("main_metric", "–"), _percent(record.get("main_score")) + one_class,
-            _number(efficiency.get("parameters")), record.get("precision", "–"), _stage_minutes(record),
+            _number(efficiency.get("parameters")), record.get("precision", "–"), _stage_minutes(record), record["_note"],
         ])
-    lines += _table(["run", "command", "metric", "dev", "parameters", "precision", "minutes per stage"], rows)
+    lines += _table(["run", "command", "metric", "dev", "parameters", "precision", "minutes per stage", "note"], rows)
     lines += ["", "† a constant predictor: the model gives every dev example the same class.", ""]
     return lines
 

@@ -37,7 +37,7 @@ def measurements(tmp_path: Path) -> Path:
 
 def test_page_has_each_record_with_its_command_and_numbers(measurements: Path) -> None:
     page = render(measurements)
-    assert "| teacher_sst2_cpu | `kdrun experiment=teacher_sst2 scale=cpu` | accuracy | 89.11 | 22,713,986 | bf16 |" in page
+    assert "| teacher_sst2_cpu | `kdrun experiment=teacher_sst2 scale=cpu` | accuracy | 89.11 | 22,713,986 | bf16 | finetune_teacher 6.5, evaluate 0.5 |  |" in page
     assert "finetune_teacher 6.5, evaluate 0.5" in page
     assert "| onnx_int8 | 88.53 | 98.20 | – | 9.5 | 210.0 |" in page
     assert "| fp32 | 89.11 | – | 90.9 | 35.0 | 720.0 |" in page
@@ -54,3 +54,8 @@ def test_rendering_is_deterministic_and_writes_the_page(measurements: Path, tmp_
 def test_adding_a_directory_without_results_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="holds no results.json"):
         add_run(tmp_path / "m", tmp_path, "x")
+
+
+def test_a_records_note_is_its_last_column(measurements: Path) -> None:
+    (measurements / "runs" / "teacher_sst2_cpu" / "note.md").write_text("Measured beside\nanother job.\n")
+    assert "| finetune_teacher 6.5, evaluate 0.5 | Measured beside another job. |" in render(measurements)
