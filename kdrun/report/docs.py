@@ -101,7 +101,7 @@ def deployment_section(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
         header = ["format", "dev", "agreement with fp32", "size (MB)"] + [f"ms at batch {b}" for b in batch_sizes]
         rows = []
         for fmt, row in deployment.items():
-            size = row.get("size_on_disk_bytes")
+            size = row.get("size_bytes", row.get("size_on_disk_bytes"))
             rows.append([fmt, _percent(row.get("main_score")), _percent(row.get("agreement_with_fp32")),
                          _number(size / 1e6 if isinstance(size, (int, float)) else None)]
                         + [_number(row.get(f"{LATENCY_PREFIX}{b}")) for b in batch_sizes])
