@@ -117,14 +117,14 @@ class AugmentConfig:
 
     ``tang`` (Tang et al., 2019): per word, [MASK] with ``p_mask``, else a same-POS
     word with ``p_pos``; then with ``p_ng`` keep one n-gram (n <= ``max_ngram``);
-    ``n_iter`` copies per example.
+    ``n_iter`` copies per example, null = the paper's per-task number (SST-2 20; MNLI, QQP 10).
     ``tinybert`` (Jiao et al., 2020): per word, ``top_k`` candidates from the masked
     LM (single word-piece) or GloVe (several pieces), each replaced with
     ``p_replace``; ``n_iter`` copies per sentence, null = the official per-task N.
     """
 
     name: str = "none"
-    n_iter: Optional[int] = 20
+    n_iter: Optional[int] = None
     p_mask: float = 0.1
     p_pos: float = 0.1
     p_ng: float = 0.25

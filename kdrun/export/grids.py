@@ -35,7 +35,7 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array + np.float32(0.0), dtype=np.float32).tobytes()).hexdigest()
 
 
-def _grid(weight: torch.Tensor, bits: int, groups: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+def _grid(weight: torch.Tensor, bits: int, groups: int, axis: int, heads: int) -> tuple[np.ndarray, np.ndarray]:
     """(integers, scale per slice along ``axis``) of a latent weight on its grid, as kdrun's fake quantization
     computes them (``kdrun.quant.grid.fake_quantize``: the values are ``integers * scale`` in fp32)."""
     level = max_level(bits)
@@ -46,7 +46,7 @@ def _grid(weight: torch.Tensor, bits: int, groups: int, axis: int) -> tuple[np.n
             return integers.to(torch.int8).numpy(), scale.numpy()
         moved = weight.detach().movedim(axis, 0)
         rows = moved.reshape(moved.shape[0], -1)
-        scale = _row_scales(moved, bits, groups)
+        scale = _row_scales(moved, bits, groups, heads)
         integers = torch.clamp(torch.round(rows / scale[:, None]), -level, level).reshape(moved.shape).movedim(0, axis)
         return integers.to(torch.int8).numpy(), scale.numpy()
 
@@ -62,12 +62,12 @@ def carry_grids(path: Path, latent: nn.Module, plan: QuantizationPlan) -> dict[s
     model = onnx.load(str(path))
     graph = model.graph
     initializers = {_digest(numpy_helper.to_array(item)): item for item in graph.initializer if item.data_type == onnx.TensorProto.FLOAT}
-    targets = [("matrices", m.weight, bits, plan.groups, axis) for m, bits, axis in quantized_linears(latent, plan)]
+    targets = [("matrices", m.weight, bits, plan.groups, axis, heads) for m, bits, axis, heads in quantized_linears(latent, plan)]
     if plan.embedding_bits:
-        targets += [("embeddings", table.weight, plan.embedding_bits, 1, 0) for table in embedding_tables(latent)]
+        targets += [("embeddings", table.weight, plan.embedding_bits, 1, 0, 1) for table in embedding_tables(latent)]
     nodes, converted = [], {"matrices": 0, "embeddings": 0, "not_found": 0}
-    for kind, weight, bits, groups, axis in targets:
-        integers, scale = _grid(weight, bits, groups, axis)
+    for kind, weight, bits, groups, axis, heads in targets:
+        integers, scale = _grid(weight, bits, groups, axis, heads)
         per_axis = groups != 1
         values = integers.astype(np.float32) * (np.expand_dims(scale, axis=1 - axis) if per_axis else scale.reshape(()))
         # A linear layer's weight is stored transposed (MatMul's B, [in, out]); an embedding table as it is.

@@ -27,6 +27,8 @@ from kdrun.quant.grid import fake_quantize, quantize_dequantize
 PLAN_FILE = "quantization.json"
 # Attention output projections: their *input* columns are laid out head after head.
 _COLUMN_GROUPED = ("attention.output.dense", "attention.out_lin")
+# Query, key and value projections: their output rows are laid out head after head.
+_ROW_HEADS = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.q_lin", "attention.k_lin", "attention.v_lin")
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,14 @@ class QuantizedLinear(nn.Linear):
     weight_bits: int
     groups: int
     group_axis: int
+    group_heads: int  # > 1: the grouped axis is laid out in this many attention heads (groups never span two)
     activation_bits: int | None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.activation_bits:
             x = quantize_dequantize(x, self.activation_bits)
-        return F.linear(x, quantize_dequantize(self.weight, self.weight_bits, self.groups, self.group_axis), self.bias)
+        weight = quantize_dequantize(self.weight, self.weight_bits, self.groups, self.group_axis, self.group_heads)
+        return F.linear(x, weight, self.bias)
 
 
 class QuantizedEmbedding(nn.Embedding):
@@ -91,28 +95,31 @@ def embedding_tables(model: nn.Module) -> list[nn.Embedding]:
     return [m for m in base.embeddings.modules() if isinstance(m, nn.Embedding)]
 
 
-def layer_linears(layer: nn.Module) -> Iterator[tuple[str, nn.Linear, int]]:
-    """(name, module, group axis) of each linear map in one encoder layer."""
+def layer_linears(layer: nn.Module, heads: int = 1) -> Iterator[tuple[str, nn.Linear, int, int]]:
+    """(name, module, group axis, heads along that axis) of each linear map in one encoder layer of a model
+    with ``heads`` attention heads (1 for the feed-forward maps, whose rows are not laid out by head)."""
     for name, module in layer.named_modules():
         if isinstance(module, nn.Linear):
-            yield name, module, 1 if name.endswith(_COLUMN_GROUPED) else 0
+            axis = 1 if name.endswith(_COLUMN_GROUPED) else 0
+            yield name, module, axis, heads if name.endswith(_COLUMN_GROUPED + _ROW_HEADS) else 1
 
 
-def quantized_linears(model: nn.Module, plan: QuantizationPlan) -> Iterator[tuple[nn.Linear, int, int]]:
-    """(module, bits, group axis) of every weight matrix the plan quantizes."""
+def quantized_linears(model: nn.Module, plan: QuantizationPlan) -> Iterator[tuple[nn.Linear, int, int, int]]:
+    """(module, bits, group axis, heads along it) of every weight matrix the plan quantizes."""
     layers = encoder_layers(model)
     if len(plan.layer_bits) != len(layers):
         raise ValueError(f"the plan gives bits for {len(plan.layer_bits)} layers but the model has {len(layers)}")
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", 1)
     for layer, bits in zip(layers, plan.layer_bits):
-        for _name, module, axis in layer_linears(layer):
-            yield module, bits, axis
+        for _name, module, axis, module_heads in layer_linears(layer, heads):
+            yield module, bits, axis, module_heads
 
 
 def enable_fake_quantization(model: nn.Module, plan: QuantizationPlan) -> nn.Module:
     """Make ``model`` compute on the plan's grids (in place; returns it)."""
-    for module, bits, axis in quantized_linears(model, plan):
+    for module, bits, axis, heads in quantized_linears(model, plan):
         module.__class__ = QuantizedLinear
-        module.weight_bits, module.groups, module.group_axis = bits, plan.groups, axis
+        module.weight_bits, module.groups, module.group_axis, module.group_heads = bits, plan.groups, axis, heads
         module.activation_bits = plan.activation_bits
     if plan.embedding_bits:
         for table in embedding_tables(model):
@@ -129,7 +136,7 @@ def materialize(model: nn.Module) -> nn.Module:
     """
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
-            module.weight.data = fake_quantize(module.weight, module.weight_bits, module.groups, module.group_axis)
+            module.weight.data = fake_quantize(module.weight, module.weight_bits, module.groups, module.group_axis, module.group_heads)
             module.__class__ = nn.Linear
         elif isinstance(module, QuantizedEmbedding):
             module.weight.data = fake_quantize(module.weight, module.weight_bits)

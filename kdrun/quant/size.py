@@ -17,7 +17,7 @@ FULL_PRECISION_BITS = 32
 def packed_size(model: nn.Module, plan: QuantizationPlan) -> dict[str, Any]:
     """Bytes when every quantized matrix is stored at its width with its group scales and the rest in fp32."""
     quantized: dict[int, int] = {}  # id(parameter) -> bits it takes
-    for module, bits, axis in quantized_linears(model, plan):
+    for module, bits, axis, _heads in quantized_linears(model, plan):
         rows = module.weight.shape[axis]
         quantized[id(module.weight)] = module.weight.numel() * bits + group_count(rows, plan.groups) * SCALE_BITS
     if plan.embedding_bits:

@@ -23,8 +23,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from kdrun.data.glove import NeighbourTable
+from kdrun.augment import tang, tinybert
 from kdrun.augment.tang import PosVocabulary, TangSettings, load_tagger, sentences_of, tag_examples, tang_augment
-from kdrun.augment.tinybert import COPIES_PER_TASK, TinyBertAugmenter, TinyBertSettings
+from kdrun.augment.tinybert import TinyBertAugmenter, TinyBertSettings
 from kdrun.data.glue import sample_examples
 from kdrun.models.loading import load_checked_config
 from kdrun.models.masked_lm import load_masked_lm
@@ -67,19 +68,23 @@ def check(cfg: DictConfig) -> None:
     task_data.check_data_available(cfg)
 
 
+def _copies(cfg: DictConfig, per_task: dict[str, int]) -> int:
+    """``augment.n_iter``, or when null the method's per-task number from its paper (20 for a task it does not list)."""
+    return cfg.augment.n_iter if cfg.augment.n_iter is not None else per_task.get(cfg.task.name, 20)
+
+
 def _tang_settings(cfg: DictConfig) -> TangSettings:
     a = cfg.augment
     try:
-        return TangSettings(p_mask=a.p_mask, p_pos=a.p_pos, p_ng=a.p_ng, n_iter=TangSettings.n_iter if a.n_iter is None else a.n_iter, max_ngram=a.max_ngram)
+        return TangSettings(p_mask=a.p_mask, p_pos=a.p_pos, p_ng=a.p_ng, n_iter=_copies(cfg, tang.COPIES_PER_TASK), max_ngram=a.max_ngram)
     except ValueError as error:
         raise PipelineError(f"augment: {error}") from error
 
 
 def _tinybert_settings(cfg: DictConfig) -> TinyBertSettings:
     a = cfg.augment
-    copies = a.n_iter if a.n_iter is not None else COPIES_PER_TASK.get(cfg.task.name, 20)
     try:
-        return TinyBertSettings(n_copies=copies, p_replace=a.p_replace, top_k=a.top_k)
+        return TinyBertSettings(n_copies=_copies(cfg, tinybert.COPIES_PER_TASK), p_replace=a.p_replace, top_k=a.top_k)
     except ValueError as error:
         raise PipelineError(f"augment: {error}") from error
 

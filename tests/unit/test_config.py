@@ -40,8 +40,10 @@ def test_recipe_composes_validates_and_plans(recipe: str, scale: str) -> None:
     typed = OmegaConf.to_object(cfg)  # raises on any missing or ill-typed value
     assert isinstance(typed, KdrunConfig)
     stages = plan(cfg)
-    # Listed stages that nothing wants with this config are skipped: the Hessian spectrum without mixed precision.
+    # Listed stages that nothing wants with this config are skipped: the Hessian spectrum without mixed precision,
+    # the fine-tuned teacher when DistilBERT's student is fine-tuned on the labels (the paper's protocol).
     skipped = ["sensitivity"] if cfg.quantize.name != "qbert_mp" else []
+    skipped += ["finetune_teacher"] if recipe == "distilbert" else []
     assert [s.stage.name for s in stages] == [name for name in cfg.pipeline.stages if name not in skipped]
     # A key names its stage's inputs: every stage's differs, and planning again gives the same keys.
     keys = [s.key for s in stages]
@@ -90,3 +92,13 @@ def test_keys_follow_exactly_what_a_stage_reads() -> None:
     assert device_changed == base
 
 
+
+
+def test_augmentation_copies_follow_each_paper_per_task_unless_set() -> None:
+    from kdrun.stages.augment import _tang_settings, _tinybert_settings
+
+    tang = {task: _tang_settings(_compose("experiment=bilstm", f"task={task}")).n_iter for task in ("sst2", "mnli", "qqp", "mrpc")}
+    assert tang == {"sst2": 20, "mnli": 10, "qqp": 10, "mrpc": 20}  # Tang et al. section 4.2; MRPC: not in the paper
+    tinybert = {task: _tinybert_settings(_compose("experiment=tinybert", f"task={task}")).n_copies for task in ("sst2", "mnli", "mrpc")}
+    assert tinybert == {"sst2": 20, "mnli": 10, "mrpc": 30}
+    assert _tang_settings(_compose("experiment=bilstm", "task=mnli", "augment.n_iter=3")).n_iter == 3

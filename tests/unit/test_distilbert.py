@@ -145,7 +145,11 @@ def test_distilbert_experiments_and_table_4_ablations_compose() -> None:
     cfg = _compose("experiment=distilbert_sst2")
     assert (cfg.student.kind, cfg.distill.name, cfg.task_distill.intermediate.enabled) == ("distilbert", "distilbert", False)
     assert (cfg.distill.weights.ce, cfg.distill.weights.mlm, cfg.distill.weights.cos, cfg.distill.temperature) == (5.0, 2.0, 1.0, 2.0)
-    assert [p.stage.name for p in plan(cfg)] == ["finetune_teacher", "fit_mlm_head", "general_distill", "task_distill", "evaluate"]
+    # The paper's protocol fine-tunes the distilled model on the labels: no stage needs a fine-tuned teacher.
+    assert cfg.distill.prediction_target == "labels"
+    assert [p.stage.name for p in plan(cfg)] == ["fit_mlm_head", "general_distill", "task_distill", "evaluate"]
+    distilled = _compose("experiment=distilbert_sst2", "distill.prediction_target=teacher")
+    assert [p.stage.name for p in plan(distilled)] == ["finetune_teacher", "fit_mlm_head", "general_distill", "task_distill", "evaluate"]
     assert _compose("experiment=distilbert_sst2", "ablation=distil_no_ce").distill.weights.ce == 0.0
     assert _compose("experiment=distilbert_sst2", "ablation=distil_no_cos").distill.weights.cos == 0.0
     assert _compose("experiment=distilbert_sst2", "ablation=distil_no_mlm").distill.weights.mlm == 0.0
@@ -153,7 +157,7 @@ def test_distilbert_experiments_and_table_4_ablations_compose() -> None:
     # The fit_mlm_head stage is for the teacher's MLM head: TinyBERT pipelines do not use it for general distillation.
     keys = {p.stage.name: p.key for p in plan(cfg)}
     ablated = {p.stage.name: p.key for p in plan(_compose("experiment=distilbert_sst2", "ablation=distil_no_cos"))}
-    assert keys["finetune_teacher"] == ablated["finetune_teacher"] and keys["fit_mlm_head"] == ablated["fit_mlm_head"]
+    assert keys["fit_mlm_head"] == ablated["fit_mlm_head"]
     assert keys["general_distill"] != ablated["general_distill"]
 
 
@@ -167,7 +171,7 @@ def test_distilbert_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> 
     [results_file] = list((tmp_path / "outputs" / "runs").rglob("results.json"))
     results = json.loads(results_file.read_text())
     stages = results["stages"]
-    assert list(stages) == ["finetune_teacher", "fit_mlm_head", "general_distill", "task_distill", "evaluate"]
+    assert list(stages) == ["fit_mlm_head", "general_distill", "task_distill", "evaluate"]
     general = stages["general_distill"]["summary"]
     assert general["student_layers"] == [0] and general["steps"] == 2  # half of the 2-layer tiny teacher
     assert general["teacher_mlm"].endswith("/model") and "fit_mlm_head" in general["teacher_mlm"]
@@ -176,3 +180,37 @@ def test_distilbert_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> 
     config = json.loads((tmp_path / "cache" / "task_distill" / stages["task_distill"]["key"] / model_dir / "config.json").read_text())
     assert config["model_type"] == "distilbert" and config["n_layers"] == 1
     assert set(results["metrics"]) == {"f1", "accuracy"} and results["efficiency"]["parameters"] > 0
+
+
+DISTILBERT_ROWS = ("none", "distil_no_ce", "distil_no_cos", "distil_no_mlm", "distil_random_init")
+
+
+def test_every_distilbert_ablation_row_runs_end_to_end(tiny_bert_dir, glue_dir, tmp_path) -> None:
+    """Table 4 row by row at scale=smoke, in one process and one cache (as its sweep runs them), with the
+    paper's protocol (the distilled model fine-tuned on the task's labels: no teacher logits)."""
+    from kdrun.pipeline import run_pipeline
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"The film number {i} was a good one and people liked it a lot." for i in range(60)) + "\n")
+    common = ("experiment=distilbert_mrpc", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
+              f"data.corpus={corpus}", "evaluate.measure_latency=false", "evaluate.formats=[fp32]", f"cache.dir={tmp_path / 'cache'}")
+    outputs = {}
+    for row in (*DISTILBERT_ROWS, "distilled"):
+        overrides = ("distill.prediction_target=teacher",) if row == "distilled" else (f"ablation={row}",)
+        (tmp_path / row).mkdir()
+        outputs[row] = run_pipeline(_compose(*common, *overrides), tmp_path / row)
+        evaluation = outputs[row]["evaluate"].summary
+        assert set(evaluation["dev"]) == {"f1", "accuracy"} and evaluation["model_from"] == "task_distill", row
+    keys = {stage: {row: out[stage].key for row, out in outputs.items()} for stage in ("fit_mlm_head", "general_distill")}
+    assert len(set(keys["fit_mlm_head"].values())) == 1
+    # Fine-tuning on labels needs no fine-tuned teacher (the MLM head is fitted on the pre-trained one).
+    assert [row for row, out in outputs.items() if "finetune_teacher" in out] == ["distilled"]
+    assert len({keys["general_distill"][row] for row in DISTILBERT_ROWS}) == len(DISTILBERT_ROWS)  # each row its own student
+    assert keys["general_distill"]["distilled"] == keys["general_distill"]["none"]
+    # Fine-tuned on labels (the rows) against distilled from the teacher's logits (the option).
+    assert all("teacher_logits" not in outputs[row]["task_distill"].summary for row in DISTILBERT_ROWS)
+    assert "teacher_logits" in outputs["distilled"]["task_distill"].summary
+    assert outputs["distilled"]["task_distill"].key != outputs["none"]["task_distill"].key
+    # A removed term is not computed at all: it is absent from the row's loss history.
+    assert "ce" in outputs["none"]["general_distill"].summary["history"][0]
+    assert "ce" not in outputs["distil_no_ce"]["general_distill"].summary["history"][0]

@@ -81,9 +81,9 @@ def test_groups_are_the_attention_heads_when_g_equals_the_head_count() -> None:
     output = attention.output.dense.weight.detach()
     per_head_columns = torch.cat([fake_quantize(output[:, h * head_dim : (h + 1) * head_dim], 4) for h in range(4)], dim=1)
     torch.testing.assert_close(fake_quantize(output, 4, groups=4, axis=1), per_head_columns, rtol=0, atol=0)
-    axes = {name: axis for name, _module, axis in layer_linears(model.bert.encoder.layer[0])}
-    assert axes == {"attention.self.query": 0, "attention.self.key": 0, "attention.self.value": 0,
-                    "attention.output.dense": 1, "intermediate.dense": 0, "output.dense": 0}
+    axes = {name: (axis, heads) for name, _module, axis, heads in layer_linears(model.bert.encoder.layer[0], heads=4)}
+    assert axes == {"attention.self.query": (0, 4), "attention.self.key": (0, 4), "attention.self.value": (0, 4),
+                    "attention.output.dense": (1, 4), "intermediate.dense": (0, 1), "output.dense": (0, 1)}
     # One group per row, and groups that do not divide the rows (sizes differ by one).
     per_row = torch.cat([fake_quantize(query[r : r + 1], 4) for r in range(32)])
     torch.testing.assert_close(fake_quantize(query, 4, groups=-1), per_row, rtol=0, atol=0)
@@ -91,6 +91,40 @@ def test_groups_are_the_attention_heads_when_g_equals_the_head_count() -> None:
     assert group_slices(10, 11) == group_slices(10, -1) == [slice(r, r + 1) for r in range(10)]
     with pytest.raises(ValueError, match="positive group count or -1"):
         group_slices(10, 0)
+
+
+def _head_of_each_group(rows: int, groups: int, heads: int) -> list[set[int]]:
+    head_rows = rows // heads
+    return [{r // head_rows for r in range(s.start, s.stop)} for s in group_slices(rows, groups, heads)]
+
+
+def test_groups_of_attention_matrices_never_span_two_heads() -> None:
+    # MiniLM's 384 rows in 12 heads of 32 with Q-BERT's 128 groups: contiguous blocks of 3 rows would put 8
+    # groups across a head boundary; nested, each head holds 11 (the first 8 heads) or 10 groups of its own rows.
+    contiguous = group_slices(384, 128)
+    assert sum(len({r // 32 for r in range(s.start, s.stop)}) > 1 for s in contiguous) == 8
+    nested = group_slices(384, 128, heads=12)
+    assert len(nested) == 128 and nested[0].start == 0 and nested[-1].stop == 384
+    assert all(a.stop == b.start for a, b in zip(nested, nested[1:]))
+    owners = _head_of_each_group(384, 128, heads=12)
+    assert all(len(heads) == 1 for heads in owners)
+    assert [sum(1 for heads in owners if heads == {h}) for h in range(12)] == [11] * 8 + [10] * 4
+    assert sorted({s.stop - s.start for s in nested}) == [2, 3, 4]
+    # BERT-base (768 rows, 12 heads of 64): the same; a multiple of the head count splits each head evenly.
+    assert all(len(heads) == 1 for heads in _head_of_each_group(768, 128, heads=12))
+    assert [s.stop - s.start for s in group_slices(384, 36, heads=12)] == [11, 11, 10] * 12
+    # Where contiguous blocks already nest in heads, nothing changes (Table 1's 12 groups, one per head).
+    for groups in (12, 24, 96, 384, -1):
+        assert group_slices(384, groups, heads=12) == group_slices(384, groups)
+    # Fewer groups than heads: whole heads per group.
+    assert [(s.start, s.stop) for s in group_slices(384, 5, heads=12)] == [(0, 96), (96, 160), (160, 256), (256, 320), (320, 384)]
+    # The grid follows: each nested group's rows share one scale, its largest magnitude at the top level.
+    torch.manual_seed(0)
+    weight = torch.randn(384, 16)
+    quantized = fake_quantize(weight, 4, groups=128, heads=12)
+    for rows in nested:
+        scale = weight[rows].abs().max() / max_level(4)
+        torch.testing.assert_close(quantized[rows], torch.clamp(torch.round(weight[rows] / scale), -7, 7) * scale, rtol=0, atol=1e-6)
 
 
 def test_straight_through_gradient_is_the_identity() -> None:
@@ -232,8 +266,9 @@ def test_distilbert_students_are_quantizable() -> None:
         DistilBertConfig(vocab_size=10, dim=8, n_layers=3, n_heads=2, hidden_dim=16, max_position_embeddings=6)
     )
     assert len(encoder_layers(model)) == 3
-    axes = {name: axis for name, _m, axis in layer_linears(encoder_layers(model)[0])}
-    assert axes == {"attention.q_lin": 0, "attention.k_lin": 0, "attention.v_lin": 0, "attention.out_lin": 1, "ffn.lin1": 0, "ffn.lin2": 0}
+    axes = {name: (axis, heads) for name, _m, axis, heads in layer_linears(encoder_layers(model)[0], heads=2)}
+    assert axes == {"attention.q_lin": (0, 2), "attention.k_lin": (0, 2), "attention.v_lin": (0, 2), "attention.out_lin": (1, 2),
+                    "ffn.lin1": (0, 1), "ffn.lin2": (0, 1)}
     batch = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 6]])}
     labels = torch.tensor([0, 1])
     from kdrun.models.capture import attention_implementation
@@ -287,3 +322,30 @@ def test_qbert_mixed_precision_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tm
     assert list(stages) == ["finetune_teacher", "quantize", "evaluate"]
     assert stages["finetune_teacher"]["cache"] == "hit"
     assert stages["quantize"]["summary"]["plan"] == {"layer_bits": [2, 2], "groups": 1, "embedding_bits": 8, "activation_bits": 8}
+
+
+QBERT_ROWS = ("none", "qbert_fp32", "qbert_w8", "qbert_w4", "qbert_w3", "qbert_w2", "directq_w4", "directq_w3", "directq_w2",
+              "qbert_mp_2_4", "qbert_mp_2_3", "qbert_g1", "qbert_g12", "qbert_g128", "qbert_grow")
+
+
+def test_every_qbert_ablation_row_runs_end_to_end(tiny_bert_dir, glue_dir, tmp_path) -> None:
+    """Table 1 and the group ablation row by row at scale=smoke, in one process and one cache (as the sweeps run them)."""
+    from kdrun.pipeline import run_pipeline
+
+    from test_config import _compose
+
+    common = ("experiment=qbert_sst2", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
+              "evaluate.measure_latency=false", "evaluate.formats=[fp32]", f"cache.dir={tmp_path / 'cache'}")
+    outputs = {}
+    for row in QBERT_ROWS:
+        (tmp_path / row).mkdir()
+        outputs[row] = run_pipeline(_compose(*common, f"ablation={row}"), tmp_path / row)
+        assert set(outputs[row]["evaluate"].summary["dev"]) == {"accuracy"}, row
+    assert len({out["finetune_teacher"].key for out in outputs.values()}) == 1
+    plans = {row: out["quantize"].summary.get("plan") for row, out in outputs.items()}
+    assert outputs["qbert_fp32"]["quantize"].summary["quantized"] is False and plans["qbert_fp32"] is None
+    assert [plans[f"qbert_w{b}"]["layer_bits"] for b in (8, 4, 3, 2)] == [[8, 8], [4, 4], [3, 3], [2, 2]]
+    assert [plans[f"directq_w{b}"]["groups"] for b in (4, 3, 2)] == [1, 1, 1]
+    assert sorted(plans["qbert_mp_2_4"]["layer_bits"]) == [2, 4] and sorted(plans["qbert_mp_2_3"]["layer_bits"]) == [2, 3]
+    assert [plans[row]["groups"] for row in ("qbert_g1", "qbert_g12", "qbert_g128", "qbert_grow")] == [1, 12, 128, -1]
+    assert "sensitivity" in outputs["qbert_mp_2_4"] and "sensitivity" not in outputs["qbert_w4"]
