@@ -90,6 +90,13 @@ def runs_section(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def _speedup(reference_ms: Any, ms: Any) -> str:
+    """How many times faster than PyTorch fp32 this format runs (its latency over this one's, as measured)."""
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (reference_ms, ms)):
+        return "–"
+    return f"{reference_ms / ms:.2f}x"
+
+
 def deployment_section(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
     lines: list[str] = []
     for name, record in records:
@@ -98,13 +105,16 @@ def deployment_section(records: list[tuple[str, dict[str, Any]]]) -> list[str]:
             continue
         batch_sizes = sorted({int(key.removeprefix(LATENCY_PREFIX)) for row in deployment.values() for key in row
                               if key.startswith(LATENCY_PREFIX)})
-        header = ["format", "dev", "agreement with fp32", "size (MB)"] + [f"ms at batch {b}" for b in batch_sizes]
+        header = (["format", "dev", "agreement with fp32", "size (MB)"] + [f"ms at batch {b}" for b in batch_sizes]
+                  + [f"speed-up over fp32 at batch {b}" for b in batch_sizes])
+        reference = deployment.get("fp32", {})
         rows = []
         for fmt, row in deployment.items():
             size = row.get("size_bytes", row.get("size_on_disk_bytes"))
             rows.append([fmt, _percent(row.get("main_score")), _percent(row.get("agreement_with_fp32")),
                          _number(size / 1e6 if isinstance(size, (int, float)) else None)]
-                        + [_number(row.get(f"{LATENCY_PREFIX}{b}")) for b in batch_sizes])
+                        + [_number(row.get(f"{LATENCY_PREFIX}{b}")) for b in batch_sizes]
+                        + [_speedup(reference.get(f"{LATENCY_PREFIX}{b}"), row.get(f"{LATENCY_PREFIX}{b}")) for b in batch_sizes])
         lines += [f"### Deployment: {name}", "", f"`{_command(record)}`", ""] + _table(header, rows) + [""]
     return (["## Deployment", "", "Each model scored and timed per format, side by side in one process.", ""] + lines) if lines else []
 
@@ -158,7 +168,7 @@ def render(measurements: Path) -> str:
     parts = [
         "# Results", "",
         "Rendered by `python -m kdrun.report.docs` from the records in `docs/measurements/` (do not edit by hand).",
-        "Machine: 2 CPU cores (AMD EPYC, AVX512-BF16/VNNI), no GPU. Earlier versions' numbers: [notebook.md](notebook.md).",
+        "Machine: 2 CPU cores (Intel Xeon: AMX-BF16/INT8, AVX512-BF16/VNNI), no GPU. Earlier versions' numbers: [notebook.md](notebook.md).",
         "",
     ]
     parts += runs_section(records) if records else []

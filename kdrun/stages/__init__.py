@@ -31,11 +31,23 @@ def student_reads(cfg: DictConfig) -> tuple[str, ...]:
     return tuple(f"student.{key}" for key in cfg.student if key != "name")
 
 
+def needs_teacher_logits(cfg: DictConfig) -> bool:
+    """Whether task distillation's prediction step learns the teacher's logits (not the gold labels alone)."""
+    is_regression = get_task(cfg.task.name).is_regression
+    return cfg.task_distill.prediction.enabled and method_of(cfg).labels_weight(cfg.distill, is_regression) < 1.0
+
+
 def needs_teacher(cfg: DictConfig) -> bool:
     """Whether task distillation reads the fine-tuned teacher (bilstm_nokd trains on gold labels alone)."""
-    steps = cfg.task_distill
-    is_regression = get_task(cfg.task.name).is_regression
-    return steps.intermediate.enabled or (steps.prediction.enabled and method_of(cfg).labels_weight(cfg.distill, is_regression) < 1.0)
+    return cfg.task_distill.intermediate.enabled or needs_teacher_logits(cfg)
+
+
+def _task_distill_wants(cfg: DictConfig, name: str) -> bool:
+    if name == "finetune_teacher":
+        return needs_teacher(cfg)
+    if name == "teacher_logits":
+        return needs_teacher_logits(cfg)
+    return True
 
 
 def _general_reads(cfg: DictConfig) -> tuple[str, ...]:
@@ -88,16 +100,28 @@ STAGES: dict[str, Stage] = {
             uses_precision=lambda cfg: cfg.augment.name == "tinybert",  # its masked LM runs in the run's precision
         ),
         Stage(
+            name="teacher_logits",
+            **_code("teacher_logits"),
+            reads=("task", "data.max_seq_length", "data.max_train_examples", "data.sample_seed"),
+            sources=("glue",),
+            requires=("finetune_teacher",),
+            uses=("augment",),
+            # Inference batches are length-sorted and padded per batch; their size changes no row's logits
+            # beyond rounding, and one table serves every student whatever its training batch settings.
+            unkeyed=("task_distill.prediction.train.eval_batch_size",),
+        ),
+        Stage(
             name="task_distill",
             **_code("task_distill"),
-            # 4: the method's and student kind's own config nodes are keyed; 3: fit_dense learnt at equal widths;
+            # 5: the teacher's logits come from the teacher_logits stage; 4: the method's and student kind's own
+            # config nodes are keyed; 3: fit_dense learnt at equal widths;
             # 2: a constant predictor is never kept as the best
-            version="4",
+            version="5",
             reads=_task_reads,
             # The teacher's directory too: its tokenizer and shape make the student when no fine-tuned teacher runs.
             sources=("glue", "teacher", "student.init", "student.glove"),
-            uses=("finetune_teacher", "general_distill", "augment"),
-            wants=lambda cfg, name: name != "finetune_teacher" or needs_teacher(cfg),
+            uses=("finetune_teacher", "general_distill", "augment", "teacher_logits"),
+            wants=_task_distill_wants,
             produces_model=True,
         ),
         Stage(

@@ -6,11 +6,14 @@ of them see the same samples of the same files.
 
 from __future__ import annotations
 
+from typing import Any
+
 import datasets
 import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
+from kdrun.augment.shards import load_augmented
 from kdrun.data.batching import PaddingCollator, tokenize_examples
 from kdrun.data.glue import load_glue_split, sample_examples
 from kdrun.data.tasks import TaskSpec, get_task
@@ -24,6 +27,13 @@ def train_examples(cfg: DictConfig) -> datasets.Dataset:
     task = task_of(cfg)
     examples = load_glue_split(task, "train", cfg.data.glue_dir)
     return sample_examples(examples, cfg.data.max_train_examples, cfg.data.sample_seed)
+
+
+def distillation_rows(cfg: DictConfig, inputs: dict[str, Any], is_regression: bool) -> datasets.Dataset:
+    """The rows task distillation trains on (and teacher_logits labels): augment's output when that stage ran
+    before, else the (sampled) training split."""
+    augmented = load_augmented(inputs["augment"], is_regression) if "augment" in inputs else None
+    return augmented if augmented is not None else train_examples(cfg)
 
 
 def dev_examples(cfg: DictConfig) -> dict[str, datasets.Dataset]:

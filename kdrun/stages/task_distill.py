@@ -7,11 +7,10 @@ relations); step 2 distils the prediction layer (the method's settings: soft
 cross-entropy on the teacher's logits, MSE for regression or Tang et al., or plain
 cross-entropy on gold labels for the "w/o Pred" ablation). The student starts from
 general distillation's output when that stage runs before this one, else from
-``student.init``. The teacher's
-logits for step 2 are computed once, keyed by example id, and kept in the
-cache beside the stage outputs under a key of the teacher and the training rows
-alone, so every student, ablation and seed of a sweep shares them. Output:
-``model/``, the student with its task head (best dev checkpoint of step 2).
+``student.init``. The teacher's logits for step 2 come from the teacher_logits stage
+(keyed by the teacher and the training rows alone, so every student, ablation and
+seed of a sweep shares them). Output: ``model/``, the student with its task head
+(best dev checkpoint of step 2).
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from kdrun.augment.shards import load_augmented
-from kdrun.contract import PipelineError, StageOutput, cache_root_of, config_slice, stage_key
+from kdrun.contract import PipelineError, StageOutput
 from kdrun.distill.layers import StudentWithProjections, layer_loss
 from kdrun.distill.prediction import prediction_loss
 from kdrun.distill.teacher_logits import TeacherLogits
@@ -33,7 +31,7 @@ from kdrun.models.students import bilstm_student_for_task, distil_student_for_ta
 from kdrun.metrics import Evaluation
 from kdrun.precision import resolve_precision
 from kdrun.predict import main_metric_key, score_dev_sets
-from kdrun.stages import needs_teacher, task_data
+from kdrun.stages import needs_teacher, needs_teacher_logits, task_data
 from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
 
 
@@ -46,6 +44,11 @@ def check(cfg: DictConfig) -> None:
         raise PipelineError(
             "task_distill distils the fine-tuned teacher: put finetune_teacher before it in pipeline.stages "
             "(or train on gold labels only: distill.prediction_target=labels and task_distill.intermediate.enabled=false)."
+        )
+    if needs_teacher_logits(cfg) and "teacher_logits" not in stages[: stages.index("task_distill")]:
+        raise PipelineError(
+            "task_distill learns the teacher's logits: put teacher_logits after finetune_teacher (and augment) and before "
+            "task_distill in pipeline.stages (or train on gold labels only: distill.prediction_target=labels)."
         )
     method = method_of(cfg)
     method.check(cfg, "task_distill")
@@ -83,8 +86,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     else:  # no fine-tuned teacher (labels only, e.g. TinyBERT's w/o TD): the student still takes the teacher's shape
         teacher_tokenizer = load_tokenizer(cfg.teacher.path, cfg.teacher.revision)
         teacher_config = load_model_config(cfg.teacher.path, cfg.teacher.revision)
-    augmented = load_augmented(inputs["augment"], task.is_regression) if "augment" in inputs else None
-    train_examples = augmented if augmented is not None else task_data.train_examples(cfg)
+    train_examples = task_data.distillation_rows(cfg, inputs, task.is_regression)
     seed_everything(cfg.task_distill.intermediate.train.seed)
     student, tokenizer, summary = _student(cfg, task, inputs, teacher_config, teacher_tokenizer, train_examples)
     collate = task_data.collator(tokenizer, task)
@@ -126,14 +128,12 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         settings = method.prediction_settings(cfg.distill, task.is_regression)
         logits = None
         if settings.hard_weight < 1.0:
-            teacher_set = train_set if tokenizer is teacher_tokenizer else task_data.tokenized({"train": train_examples}, teacher_tokenizer, cfg)["train"]
-            teacher_collate = collate if tokenizer is teacher_tokenizer else task_data.collator(teacher_tokenizer, task)
-            logits_path = _teacher_logits_path(cfg, inputs)
-            logits = TeacherLogits.cached(
-                teacher, teacher_set, teacher_collate, cfg.task_distill.prediction.train.eval_batch_size, logits_path,
-                resolve_precision(cfg.device),
-            )
-            summary["teacher_logits"] = str(logits_path)
+            published = inputs["teacher_logits"]
+            logits = TeacherLogits.load(published.path / published.summary["file"])
+            missing = sum(int(i) not in logits.row_of for i in train_set["id"])
+            if missing:
+                raise PipelineError(f"task_distill: the teacher_logits entry {inputs['teacher_logits'].path} lacks {missing} of its {len(train_set)} training rows.")
+            summary["teacher_logits"] = inputs["teacher_logits"].key
         seed_everything(cfg.task_distill.prediction.train.seed)
         outcome = train(
             TrainingJob(
@@ -157,15 +157,3 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         outcome.model_dir.rename(out_dir / "model")
     summary["parameters"] = sum(p.numel() for p in student.parameters())
     return summary
-
-
-def _teacher_logits_path(cfg: DictConfig, inputs: dict[str, StageOutput]) -> Path:
-    """Where the teacher's logits on this run's training rows live: ``<cache>/teacher_logits/<key>``,
-    the key naming the teacher and the rows (task, sample, augmentation, length) but not the
-    student, since recomputing them (minutes over an augmented set) for every row of an ablation
-    sweep would dominate it."""
-    rows = config_slice(cfg, ("task", "data.max_seq_length", "data.max_train_examples", "data.sample_seed"))
-    rows["device.precision"] = resolve_precision(cfg.device).name  # bf16 logits are another artefact than fp32 ones
-    sources = {name: inputs[name].key for name in ("finetune_teacher", "augment") if name in inputs}
-    key = stage_key("teacher_logits", "1", rows, sources)
-    return cache_root_of(inputs["finetune_teacher"]) / "teacher_logits" / f"{key}.safetensors"

@@ -176,24 +176,25 @@ def test_damaged_teacher_and_teacher_logits_are_recomputed(tiny_bert_dir: Path, 
 
     overrides = (
         "experiment=tinybert_sst2", *SMOKE, *TINY_STUDENT, f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
-        "augment=none", "pipeline.stages=[finetune_teacher,task_distill,evaluate]", "task_distill.intermediate.enabled=false",
+        "augment=none", "pipeline.stages=[finetune_teacher,teacher_logits,task_distill,evaluate]", "task_distill.intermediate.enabled=false",
         f"cache.dir={tmp_path / 'cache'}",
     )
     first = run_pipeline(_compose(*overrides), tmp_path / "a")
-    logits = Path(first["task_distill"].summary["teacher_logits"])
+    logits = first["teacher_logits"].path / first["teacher_logits"].summary["file"]
     _zeros_inside(first["finetune_teacher"].path / "model" / "model.safetensors")
     with caplog.at_level(logging.WARNING):
         second = run_pipeline(_compose(*overrides), tmp_path / "b")
     assert second["finetune_teacher"].cache == "computed"
     assert any("finetune_teacher: the cached entry" in m and "model/model.safetensors is not the file" in m for m in caplog.messages)
-    # Recomputed bit-identically (exact training), so task distillation's key is unchanged and its entry reused.
-    assert second["task_distill"].key == first["task_distill"].key and second["task_distill"].cache == "hit"
+    # Recomputed bit-identically (exact training), so the later stages' keys are unchanged and their entries reused.
+    assert [second[name].cache for name in ("teacher_logits", "task_distill")] == ["hit", "hit"]
+    assert second["task_distill"].key == first["task_distill"].key
 
     os.truncate(logits, 100)  # the teacher-logits file, cut short
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         third = run_pipeline(_compose(*overrides, "cache.force=[task_distill]"), tmp_path / "c")
-    assert third["task_distill"].cache == "computed"
-    assert any("teacher logits:" in m and "SHA-256 differs" in m for m in caplog.messages)
-    assert len(list(logits.parent.glob("*.damaged-*"))) == 1
+    assert (third["teacher_logits"].cache, third["task_distill"].cache) == ("computed", "computed")
+    assert any("teacher_logits: the cached entry" in m and "logits.safetensors" in m for m in caplog.messages)
+    assert len(list(logits.parent.parent.glob("*.damaged-*"))) == 1
     assert third["evaluate"].summary["dev"] == first["evaluate"].summary["dev"]  # the same logits, recomputed

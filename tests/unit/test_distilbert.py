@@ -149,7 +149,7 @@ def test_distilbert_experiments_and_table_4_ablations_compose() -> None:
     assert cfg.distill.prediction_target == "labels"
     assert [p.stage.name for p in plan(cfg)] == ["fit_mlm_head", "general_distill", "task_distill", "evaluate"]
     distilled = _compose("experiment=distilbert_sst2", "distill.prediction_target=teacher")
-    assert [p.stage.name for p in plan(distilled)] == ["finetune_teacher", "fit_mlm_head", "general_distill", "task_distill", "evaluate"]
+    assert [p.stage.name for p in plan(distilled)] == ["finetune_teacher", "fit_mlm_head", "general_distill", "teacher_logits", "task_distill", "evaluate"]
     assert _compose("experiment=distilbert_sst2", "ablation=distil_no_ce").distill.weights.ce == 0.0
     assert _compose("experiment=distilbert_sst2", "ablation=distil_no_cos").distill.weights.cos == 0.0
     assert _compose("experiment=distilbert_sst2", "ablation=distil_no_mlm").distill.weights.mlm == 0.0

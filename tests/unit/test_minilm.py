@@ -138,7 +138,7 @@ def test_minilm_general_and_task_distillation_end_to_end(tiny_bert_dir: Path, gl
     cfg = _compose(
         "experiment=minilm_sst2", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
         f"data.corpus={corpus}", "student.num_hidden_layers=2", "student.hidden_size=24", "student.intermediate_size=48",
-        "student.num_attention_heads=2", "pipeline.stages=[finetune_teacher,general_distill,task_distill,evaluate]",
+        "student.num_attention_heads=2", "pipeline.stages=[finetune_teacher,general_distill,teacher_logits,task_distill,evaluate]",
         "evaluate.measure_latency=false", "evaluate.formats=[fp32]", f"cache.dir={tmp_path / 'cache'}",
     )
     outputs = run_pipeline(cfg, tmp_path / "run")

@@ -224,7 +224,7 @@ def _stage_config(tiny_bert_dir: Path, glue_dir: Path, corpus: Path, cache: Path
 
     return _compose(
         "experiment=tinybert_sst2", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
-        f"data.corpus={corpus}", *TINY_STUDENT, "augment=none", "pipeline.stages=[finetune_teacher,general_distill,task_distill]",
+        f"data.corpus={corpus}", *TINY_STUDENT, "augment=none", "pipeline.stages=[finetune_teacher,general_distill,teacher_logits,task_distill]",
         *STAGE_SCHEDULE, f"cache.dir={cache}",
     )
 

