@@ -78,14 +78,16 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     task = task_data.task_of(cfg)
     accelerator = get_accelerator(cfg.device)
     teacher = None
-    if "finetune_teacher" in inputs:
+    if cfg.task_distill.intermediate.enabled:  # step 1 runs the fine-tuned teacher (step 2 reads teacher_logits)
         teacher, teacher_tokenizer = load_for_sequence_classification(str(inputs["finetune_teacher"].path / "model"), task)
         teacher = resolve_precision(cfg.device).inference_model(teacher, copy=False)  # frozen: weights in the run's precision
         teacher.to(accelerator.device).eval().requires_grad_(False)
         teacher_config = teacher.config
-    else:  # no fine-tuned teacher (labels only, e.g. TinyBERT's w/o TD): the student still takes the teacher's shape
-        teacher_tokenizer = load_tokenizer(cfg.teacher.path, cfg.teacher.revision)
-        teacher_config = load_model_config(cfg.teacher.path, cfg.teacher.revision)
+    else:  # only the teacher's shape and tokenizer (the fine-tuned one's when it ran; labels only, e.g. w/o TD: the pre-trained one's)
+        fitted = inputs.get("finetune_teacher")
+        path, revision = (str(fitted.path / "model"), None) if fitted is not None else (cfg.teacher.path, cfg.teacher.revision)
+        teacher_tokenizer = load_tokenizer(path, revision)
+        teacher_config = load_model_config(path, revision)
     train_examples = task_data.distillation_rows(cfg, inputs, task.is_regression)
     seed_everything(cfg.task_distill.intermediate.train.seed)
     student, tokenizer, summary = _student(cfg, task, inputs, teacher_config, teacher_tokenizer, train_examples)
