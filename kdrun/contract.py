@@ -16,14 +16,18 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from kdrun.config import to_container
+
+if TYPE_CHECKING:
+    from kdrun.stages.context import StageContext
 
 MODEL_INPUT = "model"
 """The input name under which a ``consumes_model`` stage gets the output of the last model-producing stage before it."""
@@ -50,6 +54,19 @@ class PipelineError(ValueError):
     """The pipeline cannot run as configured; the message says what to change."""
 
 
+@contextmanager
+def user_errors(where: str, *kinds: type[Exception]) -> Iterator[None]:
+    """Settings a library or a settings class rejects (``ValueError`` unless ``kinds`` say otherwise)
+    become one :class:`PipelineError` line that starts with ``where`` (a stage or a config path), not a
+    traceback; a :class:`PipelineError` passes through unchanged."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except (kinds or (ValueError,)) as error:
+        raise PipelineError(f"{where}: {error}") from error
+
+
 class UndeclaredRead(PipelineError):
     """A stage read a config setting outside its declared reads: a bug in the stage's declaration."""
 
@@ -66,7 +83,9 @@ class StageOutput:
     seconds: float = 0.0
 
 
-StageRun = Callable[[DictConfig, dict[str, StageOutput], Path], dict[str, Any]]
+StageRun = Callable[["StageContext"], dict[str, Any]]
+"""A stage's job: given its context (``kdrun.stages.context.StageContext``: config view, named inputs, output
+directory), write its files into ``ctx.out_dir`` and return its summary."""
 Reads = tuple[str, ...] | Callable[[DictConfig], tuple[str, ...]]
 
 

@@ -375,8 +375,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> dict[str, StageOutput]:
 
 def _run_stage(stage: Stage, view: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
     """``stage.run`` on its view of the config; a read outside the view names the stage and the key."""
+    from kdrun.stages.context import StageContext
+
     try:
-        return stage.run(view, inputs, out_dir)
+        return stage.run(StageContext(stage.name, view, inputs, out_dir))
     except (ConfigAttributeError, ConfigKeyError) as error:
         full_key = getattr(error, "full_key", None) or str(error).splitlines()[0]
         raise UndeclaredRead(

@@ -36,7 +36,7 @@ from kdrun.models.loading import load_for_sequence_classification
 from kdrun.models.students import student_for_task
 from kdrun.precision import Precision
 from kdrun.predict import model_inputs
-from kdrun.stages.task_data import collator
+from kdrun.stages.context import collator
 from omegaconf import OmegaConf
 
 

@@ -37,7 +37,7 @@ from kdrun.precision import Precision
 from kdrun.predict import main_metric_key, score_dev_sets
 from kdrun.quant.int8 import export_int8
 from kdrun.stages.export import graph_size_bytes, load_deployable, load_latent, pytorch_size_bytes
-from kdrun.stages.task_data import collator
+from kdrun.stages.context import collator
 
 
 def build_variants(model: torch.nn.Module, example: dict[str, torch.Tensor], directory: Path, opset: int, grids: tuple | None) -> dict[str, Path]:

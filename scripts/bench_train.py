@@ -34,7 +34,7 @@ from kdrun.data.tasks import get_task
 from kdrun.models.loading import load_for_sequence_classification
 from kdrun.precision import resolve_precision
 from kdrun.predict import model_inputs
-from kdrun.stages.task_data import collator
+from kdrun.stages.context import collator
 from kdrun.train import TrainingJob, train
 
 

@@ -19,12 +19,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kdrun.contract import PipelineError
+from kdrun.contract import PipelineError, user_errors
 from kdrun.models.capture import CapturedOutputs, forward_with_capture
 from kdrun.models.inputs import forward_inputs
 from kdrun.precision import default_attention_kernels
 from kdrun.predict import model_inputs
-from kdrun.models.loading import save_tokenizer
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -132,7 +131,7 @@ def layer_general_setup(method: Method, cfg: DictConfig) -> GeneralSetup:
     from transformers import AutoModel
 
     from kdrun.data.batching import PaddingCollator
-    from kdrun.models.loading import load_tokenizer, resolve_model_path
+    from kdrun.models.loading import load_tokenizer, model_saver, resolve_model_path
     from kdrun.models.students import new_general_student
 
     tokenizer = load_tokenizer(cfg.teacher.path, cfg.teacher.revision)
@@ -141,17 +140,12 @@ def layer_general_setup(method: Method, cfg: DictConfig) -> GeneralSetup:
     student = new_general_student(cfg.student, teacher.config)
     objective = method.layer_objective(cfg.distill, student.config, teacher.config, "general_distill")
 
-    def save_model(model: nn.Module, directory: Path) -> None:
-        model.student.save_pretrained(directory)
-        save_tokenizer(tokenizer, directory)
-        model.save_projections(directory)
-
     return GeneralSetup(
         model=StudentWithProjections(student, objective.projections),
         tokenizer=tokenizer,
         collate=PaddingCollator(tokenizer),
         compute_loss=layer_loss(teacher, objective, is_regression=False),
-        save_model=save_model,
+        save_model=model_saver(tokenizer, lambda model: model.student, also=lambda model, directory: model.save_projections(directory)),
         parameters=sum(p.numel() for p in student.parameters()),
     )
 
@@ -167,10 +161,8 @@ def check_layer_method(method: Method, cfg: DictConfig, stage: str, weights_key:
 
     teacher_config = load_checked_config(cfg.teacher.path, cfg.teacher.revision)
     student_config = student_bert_config(cfg.student, teacher_config)
-    try:
+    with user_errors(stage):  # weights, mapping or attention target that cannot work
         objective = method.layer_objective(cfg.distill, student_config, teacher_config, stage)
-    except ValueError as error:  # weights, mapping or attention target that cannot work
-        raise PipelineError(f"{stage}: {error}") from error
     request = objective.capture_request(student=False)
     if request.get("attention_layers") or request.get("hidden_layers") or request.get("want_embeddings") or request.get("value_layers"):
         reason = _capture_unsupported(teacher_config)

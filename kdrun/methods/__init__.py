@@ -30,12 +30,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from omegaconf import DictConfig
 
 from kdrun.config import DistillConfig
-from kdrun.contract import PipelineError
+from kdrun.contract import PipelineError, user_errors
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
-    from kdrun.contract import StageOutput
+    from kdrun.stages.context import StageContext
 
 PREDICTION_TARGETS = ("teacher", "labels")
 
@@ -106,24 +104,23 @@ class Method:
         """Task distillation's second step: a :class:`kdrun.distill.prediction.PredictionLossSettings`."""
         from kdrun.distill.prediction import PredictionLossSettings
 
-        try:
+        with user_errors("task_distill"):
             return PredictionLossSettings(
                 kind="soft_ce", temperature=distill.temperature, scale_by_t2=distill.scale_by_t2,
                 hard_weight=self.labels_weight(distill, is_regression),
             )
-        except ValueError as error:
-            raise PipelineError(f"task_distill: {error}") from error
 
     def layer_objective(self, distill: DictConfig, student_config: Any, teacher_config: Any, stage: str) -> Any:
         """The intermediate-layer objective (``kdrun.distill.layers.LayerObjective``) for ``stage``."""
         raise NotImplementedError(f"distill={self.name} distils no intermediate layers")
 
-    def general_setup(self, cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> Any:
-        """General distillation's job (``kdrun.distill.layers.GeneralSetup``); by default a BERT student
-        learning the method's layer objective from the pre-trained teacher."""
+    def general_setup(self, ctx: StageContext) -> Any:
+        """General distillation's job (``kdrun.distill.layers.GeneralSetup``) from the stage's context (its
+        config view and inputs); by default a BERT student learning the method's layer objective from the
+        pre-trained teacher."""
         from kdrun.distill.layers import layer_general_setup
 
-        return layer_general_setup(self, cfg)
+        return layer_general_setup(self, ctx.cfg)
 
 
 _METHODS: dict[str, Method] = {}

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from kdrun.contract import PipelineError
+from kdrun.contract import user_errors
 from kdrun.methods import LOGIT_FIELDS, LogitDistillConfig, Method
 
 
@@ -42,13 +42,11 @@ class TangLogits(Method):
     def prediction_settings(self, distill: DictConfig, is_regression: bool) -> Any:
         from kdrun.distill.prediction import PredictionLossSettings
 
-        try:
+        with user_errors("task_distill"):
             return PredictionLossSettings(
                 kind=distill.prediction_loss, temperature=distill.temperature, scale_by_t2=distill.scale_by_t2,
                 hard_weight=self.labels_weight(distill, is_regression),
             )
-        except ValueError as error:
-            raise PipelineError(f"task_distill: {error}") from error
 
 
 METHOD = TangLogits()

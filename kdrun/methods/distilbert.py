@@ -12,16 +12,15 @@ logits at ``temperature``, times T^2.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from kdrun.contract import PipelineError
+from kdrun.contract import user_errors
 from kdrun.methods import LogitDistillConfig, Method
 
 if TYPE_CHECKING:
-    from kdrun.contract import StageOutput
+    from kdrun.stages.context import StageContext
 
 
 @dataclass
@@ -60,13 +59,11 @@ class DistilBert(Method):
 
         _triple_loss_settings(cfg.distill)
         teacher_config = load_checked_config(cfg.teacher.path, cfg.teacher.revision)
-        try:
+        with user_errors("general_distill"):
             kept = teacher_layers_to_keep(teacher_config.num_hidden_layers, cfg.student.layers)
             distilbert_config(teacher_config, len(kept))  # the student copies BERT layers: a BERT teacher
-        except ValueError as error:
-            raise PipelineError(f"general_distill: {error}") from error
 
-    def general_setup(self, cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> Any:
+    def general_setup(self, ctx: StageContext) -> Any:
         from transformers import DistilBertForMaskedLM
 
         from kdrun.data.mlm import MaskingCollator
@@ -75,27 +72,24 @@ class DistilBert(Method):
         from kdrun.models.distil_student import distil_from_teacher, teacher_layers_to_keep
         from kdrun.models.masked_lm import load_masked_lm
         from kdrun.train import get_accelerator
-        from kdrun.models.loading import save_tokenizer
+        from kdrun.models.loading import model_saver
 
-        fitted = inputs.get("fit_mlm_head")
-        teacher_reference = str(fitted.path / fitted.summary["model_dir"]) if fitted is not None else cfg.teacher.path
-        teacher, tokenizer = load_masked_lm(teacher_reference, None if fitted is not None else cfg.teacher.revision)
+        cfg = ctx.cfg
+        fitted = "fit_mlm_head" in ctx.inputs
+        teacher_reference = str(ctx.model_dir("fit_mlm_head")) if fitted else cfg.teacher.path
+        teacher, tokenizer = load_masked_lm(teacher_reference, None if fitted else cfg.teacher.revision)
         teacher.to(get_accelerator(cfg.device).device).eval().requires_grad_(False)
         student = distil_from_teacher(teacher, cfg.student.layers)  # from the fp32 weights
         teacher = frozen_teacher(teacher, cfg.device)
         if cfg.student.init == "random":  # Table 4's "random initialisation" row
             student = DistilBertForMaskedLM(student.config)
 
-        def save_model(model: Any, directory: Path) -> None:
-            model.mlm.save_pretrained(directory)
-            save_tokenizer(tokenizer, directory)
-
         return GeneralSetup(
             model=MaskedLmStudent(student),
             tokenizer=tokenizer,
             collate=MaskingCollator(tokenizer, cfg.distill.mlm_probability, cfg.general_distill.train.seed),
             compute_loss=triple_loss(teacher, _triple_loss_settings(cfg.distill)),
-            save_model=save_model,
+            save_model=model_saver(tokenizer, lambda model: model.mlm),
             parameters=sum(p.numel() for p in student.parameters()),
             summary={
                 "teacher_mlm": teacher_reference,
@@ -109,10 +103,8 @@ def _triple_loss_settings(distill: DictConfig) -> Any:
     from kdrun.distill.distilbert import TripleLossSettings
 
     w = distill.weights
-    try:
+    with user_errors("general_distill"):
         return TripleLossSettings(ce=w.ce, mlm=w.mlm, cos=w.cos, temperature=distill.temperature, ce_positions=distill.ce_positions)
-    except ValueError as error:
-        raise PipelineError(f"general_distill: {error}") from error
 
 
 METHOD = DistilBert()

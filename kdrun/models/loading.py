@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,24 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: Path | str) ->
         tokenizer.save_pretrained(directory)
     finally:
         _set_backend_state(backend, *current)
+
+
+def model_saver(
+    tokenizer: PreTrainedTokenizerBase,
+    model_of: Callable[[Any], Any] = lambda module: module,
+    also: Callable[[Any, Path], None] | None = None,
+) -> Callable[[Any, Path], None]:
+    """A training job's ``save_model``: ``model_of(module).save_pretrained(directory)`` with the tokenizer
+    beside it (a published model directory always loads with its own tokenizer), then ``also(module,
+    directory)`` for what else the module carries (projections, a quantization plan)."""
+
+    def save(module: Any, directory: Path) -> None:
+        model_of(module).save_pretrained(directory)
+        save_tokenizer(tokenizer, directory)
+        if also is not None:
+            also(module, directory)
+
+    return save
 
 
 def _set_backend_state(backend: Any, truncation: dict[str, Any] | None, padding: dict[str, Any] | None) -> None:

@@ -4,7 +4,9 @@ This module imports no stage module and no torch: it names each stage's ``run`` 
 ``module:function`` (:class:`~kdrun.contract.Lazy`), imported only when the stage runs, so planning
 (every cache key) is config logic alone. Stage modules import neither this table's neighbours nor
 the pipeline: what two stages share lives outside ``kdrun/stages`` (``kdrun.distill``,
-``kdrun.augment.shards``, ``kdrun.quant.sensitivity``) or in ``task_data``, which is no stage.
+``kdrun.augment.shards``, ``kdrun.quant.sensitivity``) or in ``context``, which is no stage: the
+:class:`~kdrun.stages.context.StageContext` every ``run`` is handed, with the task's rows, tokenising, dev
+scoring, saving and error wrapping that all stages share.
 
 ``reads`` are keyed: a stage's cache key hashes exactly these config paths, its sources' content and
 its inputs' keys, and its ``run`` sees nothing else (``kdrun.contract.stage_view``). The distillation

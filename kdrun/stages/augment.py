@@ -30,8 +30,8 @@ from kdrun.data.glue import sample_examples
 from kdrun.models.loading import load_checked_config
 from kdrun.models.masked_lm import load_masked_lm
 from kdrun.augment.shards import SHARDS
-from kdrun.contract import PipelineError, StageOutput
-from kdrun.stages import task_data
+from kdrun.contract import PipelineError, user_errors
+from kdrun.stages.context import StageContext, check_data_available
 from kdrun.precision import resolve_precision
 from kdrun.train import get_accelerator
 
@@ -65,7 +65,7 @@ def check(cfg: DictConfig) -> None:
             )
         if cfg.augment.mlm_model is not None:
             load_checked_config(cfg.augment.mlm_model)
-    task_data.check_data_available(cfg)
+    check_data_available(cfg)
 
 
 def _copies(cfg: DictConfig, per_task: dict[str, int]) -> int:
@@ -75,18 +75,14 @@ def _copies(cfg: DictConfig, per_task: dict[str, int]) -> int:
 
 def _tang_settings(cfg: DictConfig) -> TangSettings:
     a = cfg.augment
-    try:
+    with user_errors("augment"):
         return TangSettings(p_mask=a.p_mask, p_pos=a.p_pos, p_ng=a.p_ng, n_iter=_copies(cfg, tang.COPIES_PER_TASK), max_ngram=a.max_ngram)
-    except ValueError as error:
-        raise PipelineError(f"augment: {error}") from error
 
 
 def _tinybert_settings(cfg: DictConfig) -> TinyBertSettings:
     a = cfg.augment
-    try:
+    with user_errors("augment"):
         return TinyBertSettings(n_copies=_copies(cfg, tinybert.COPIES_PER_TASK), p_replace=a.p_replace, top_k=a.top_k)
-    except ValueError as error:
-        raise PipelineError(f"augment: {error}") from error
 
 
 def _tang(cfg: DictConfig, examples: list[Example]) -> tuple[AugmentPart, int]:
@@ -103,14 +99,11 @@ def _tang(cfg: DictConfig, examples: list[Example]) -> tuple[AugmentPart, int]:
     return augment_part, settings.n_iter
 
 
-def _tinybert(cfg: DictConfig, inputs: dict[str, StageOutput], examples: list[Example]) -> tuple[AugmentPart, int]:
+def _tinybert(ctx: StageContext, examples: list[Example]) -> tuple[AugmentPart, int]:
     """TinyBERT: candidates are per sentence, so each part is augmented on its own."""
+    cfg = ctx.cfg
     settings = _tinybert_settings(cfg)
-    if cfg.augment.mlm_model is not None:
-        reference = cfg.augment.mlm_model
-    else:
-        fitted = inputs["fit_mlm_head"]
-        reference = str(fitted.path / fitted.summary["model_dir"])
+    reference = cfg.augment.mlm_model if cfg.augment.mlm_model is not None else str(ctx.model_dir("fit_mlm_head"))
     model, tokenizer = load_masked_lm(reference)
     model.to(get_accelerator(cfg.device).device)
     table_name = hashlib.sha256(cfg.augment.glove.encode()).hexdigest()[:12] + f"-k{settings.top_k}.json"
@@ -122,15 +115,16 @@ def _tinybert(cfg: DictConfig, inputs: dict[str, StageOutput], examples: list[Ex
     return (lambda part: augmenter.augment(part, cfg.augment.seed)), settings.n_copies * (2 if pairs else 1)
 
 
-def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, out_dir = ctx.cfg, ctx.out_dir
     if cfg.augment.name == "none":  # the stage passes the original training set through
         return {"passthrough": True}
-    source = task_data.train_examples(cfg)
+    source = ctx.train_examples()
     examples = [(int(i), a, b or None) for i, a, b in zip(source["id"], source["text_a"], source["text_b"])]
     labels = dict(zip((int(i) for i in source["id"]), source["label"]))
     # Every training example is kept; copies are made of all of them or of a seeded sample.
     chosen = {int(i) for i in sample_examples(source, cfg.augment.max_examples, cfg.augment.seed)["id"]}
-    augment_part, copies = _tang(cfg, examples) if cfg.augment.name == "tang" else _tinybert(cfg, inputs, examples)
+    augment_part, copies = _tang(cfg, examples) if cfg.augment.name == "tang" else _tinybert(ctx, examples)
     stride = copies + 1
     shard_dir = out_dir / SHARDS
     shard_dir.mkdir(parents=True, exist_ok=True)

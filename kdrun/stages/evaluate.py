@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -26,28 +25,26 @@ from kdrun.models.measure import size_on_disk
 from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, materialize
 from kdrun.quant.size import packed_size
 from kdrun.report.tables import wide_console
-from kdrun.contract import MODEL_INPUT, PipelineError, StageOutput
+from kdrun.contract import PipelineError
 from kdrun.precision import Precision, resolve_precision
-from kdrun.predict import logits_to_predictions, main_metric_key, predict_logits, score_dev_sets
-from kdrun.stages import task_data
+from kdrun.predict import logits_to_predictions, main_metric_key, predict_logits
+from kdrun.stages.context import StageContext, check_data_available
 from kdrun.train import get_accelerator
 
 logger = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
-    task = task_data.task_of(cfg)
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, task, out_dir = ctx.cfg, ctx.task, ctx.out_dir
     settings = cfg.evaluate
-    source = inputs[MODEL_INPUT]
-    model_dir = source.path / "model"
+    source = ctx.model_input
+    model_dir = ctx.model_dir()
     accelerator = get_accelerator(cfg.device)
     precision = resolve_precision(cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(accelerator.device).eval()
-    collate = task_data.collator(tokenizer, task)
-
-    dev_examples = task_data.dev_examples(cfg)
-    dev_sets = task_data.tokenized(dev_examples, tokenizer, cfg)
+    text = ctx.text(tokenizer)
+    collate, dev_sets = text.collate, text.dev_sets
     plan = QuantizationPlan.load(model_dir)
     # A quantized model is scored with its fake quantization in fp32 (bf16 would move weights off their
     # grids); its deployment formats start from its weights written onto the grids.
@@ -59,8 +56,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
         "precision": main_format,
         "latency_seq_length": settings.latency_seq_length,
     }
-    first = next(iter(dev_examples.values()))
-    texts = (list(first["text_a"]), list(first["text_b"]) if task.is_pair else None)
+    texts = text.first_dev_texts()
     latency = None
     if settings.measure_latency:
         timing = LatencySettings(tuple(settings.latency_batch_sizes), settings.latency_warmup, settings.latency_repeats)
@@ -71,7 +67,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     if plan is not None:
         enable_fake_quantization(model, plan)
         efficiency["quantization"] = {"layer_bits": list(plan.layer_bits), "groups": plan.groups, **packed_size(model, plan)}
-        evaluation = score_dev_sets(model, task, dev_sets, collate, settings.batch_size, precision=Precision("fp32", precision.device_type))
+        evaluation = text.score(model, settings.batch_size, Precision("fp32", precision.device_type))
     else:
         evaluation = rows[main_format].evaluation
     assert evaluation is not None
@@ -79,8 +75,8 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
 
     submissions: list[str] = []
     if settings.predict_test:
-        for split, examples in task_data.test_examples(cfg).items():
-            features = task_data.tokenized({split: examples}, tokenizer, cfg)[split]
+        for split, examples in ctx.test_examples().items():
+            features = text.features(examples)
             test_precision = Precision(main_format, precision.device_type)
             runnable = model if plan is not None else test_precision.inference_model(model)
             logits = predict_logits(runnable, features, collate, settings.batch_size, precision=test_precision)
@@ -129,6 +125,6 @@ def check(cfg: DictConfig) -> None:
     unknown = [name for name in cfg.evaluate.formats if name not in FORMATS]
     if unknown:
         raise PipelineError(f"evaluate.formats names unknown format(s) {unknown}; known: {list(FORMATS)}.")
-    task_data.check_data_available(cfg)
+    check_data_available(cfg)
     if cfg.evaluate.predict_test:  # read now, not after every model of the run has trained
-        task_data.test_examples(cfg)
+        StageContext("evaluate", cfg).test_examples()

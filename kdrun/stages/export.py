@@ -38,13 +38,13 @@ from kdrun.export import FORMATS
 from kdrun.metrics import Evaluation
 from kdrun.models.loading import load_checked_config, load_tokenizer, save_tokenizer
 from kdrun.models.measure import size_on_disk
-from kdrun.contract import MODEL_INPUT, PipelineError, StageOutput
+from kdrun.contract import PipelineError
 from kdrun.precision import Precision
-from kdrun.predict import logits_to_predictions, main_metric_key, score_dev_sets
+from kdrun.predict import logits_to_predictions, main_metric_key
 from kdrun.quant.int8 import export_int8
 from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, materialize
 from kdrun.report.tables import wide_console
-from kdrun.stages import task_data
+from kdrun.stages.context import StageContext, check_data_available
 
 logger = logging.getLogger(__name__)
 
@@ -158,31 +158,30 @@ def _write_graphs(
     return {"inputs": inputs, "fusions": fusions, "grids": carried}
 
 
-def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    out_dir = ctx.out_dir
     for stale in out_dir.iterdir():  # nothing to resume: an earlier attempt's files would only mislead
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     try:
-        return _export(cfg, inputs[MODEL_INPUT], out_dir)
+        return _export(ctx)
     except BaseException:
         shutil.rmtree(out_dir / EXPORT_DIR, ignore_errors=True)
         raise
 
 
-def _export(cfg: DictConfig, source: StageOutput, out_dir: Path) -> dict[str, Any]:
+def _export(ctx: StageContext) -> dict[str, Any]:
     from kdrun.export.card import card_example, command_line, write_card
     from kdrun.export.runtime import OnnxRuntimeModel, inference_session
 
+    cfg, task, out_dir, source = ctx.cfg, ctx.task, ctx.out_dir, ctx.model_input
     settings, timing_settings = cfg.export, cfg.evaluate
-    task = task_data.task_of(cfg)
-    model_dir = (source.path / "model").resolve()
+    model_dir = ctx.model_dir().resolve()
     threads = cfg.device.threads or torch.get_num_threads()
     tokenizer = load_tokenizer(str(model_dir))
     model, plan = load_deployable(model_dir)
-    collate = task_data.collator(tokenizer, task)
-    dev_examples = task_data.dev_examples(cfg)
-    dev_sets = task_data.tokenized(dev_examples, tokenizer, cfg)
-    first = next(iter(dev_examples.values()))
-    texts = (list(first["text_a"]), list(first["text_b"]) if task.is_pair else None)
+    text = ctx.text(tokenizer)
+    collate, dev_sets = text.collate, text.dev_sets
+    texts = text.first_dev_texts()
 
     directory = out_dir / EXPORT_DIR
     grids = (load_latent(model_dir, plan), plan) if plan is not None and settings.qbert_grids else None
@@ -206,7 +205,7 @@ def _export(cfg: DictConfig, source: StageOutput, out_dir: Path) -> dict[str, An
     for name in [f for f in FORMATS if f in settings.formats]:
         path = directory / GRAPH_FILES[name]
         runnable = OnnxRuntimeModel(inference_session(path, threads))
-        evaluation = score_dev_sets(runnable, task, dev_sets, collate, batch_size)
+        evaluation = text.score(runnable, batch_size)
         share, agreeing, total = agreement_share(task, evaluation, reference, settings.regression_tolerance)
         threshold = float(settings.min_agreement[name])
         parity[name] = {"agreement": share, "agreeing": agreeing, "examples": total, "min_agreement": threshold}
@@ -284,7 +283,7 @@ def check(cfg: DictConfig) -> None:
     unknown = [name for name in settings.pytorch_formats if name not in PYTORCH_FORMATS]
     if unknown:
         raise PipelineError(f"export.pytorch_formats names unknown format(s) {unknown}; known: {list(PYTORCH_FORMATS)}.")
-    task_data.check_data_available(cfg)
+    check_data_available(cfg)
 
 
 
@@ -299,9 +298,9 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def run_import(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
-    source = Path(cfg.export.model).expanduser().resolve()
-    target = out_dir / "model"
+def run_import(ctx: StageContext) -> dict[str, Any]:
+    source = Path(ctx.cfg.export.model).expanduser().resolve()
+    target = ctx.out_dir / "model"
     shutil.rmtree(target, ignore_errors=True)
     # Hidden files are no part of a model (and are not in its fingerprint, kdrun/fingerprint.py).
     shutil.copytree(source, target, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(".*", "__pycache__"))

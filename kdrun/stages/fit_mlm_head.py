@@ -10,7 +10,6 @@ Output: ``model/``, a ``BertForMaskedLM``-style checkpoint with tokenizer.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,9 +21,9 @@ from kdrun.data.batching import sorted_eval_batches
 from kdrun.data.corpus import check_corpus, corpus_dataset
 from kdrun.data.mlm import MaskingCollator
 from kdrun.models.masked_lm import masked_lm_head
-from kdrun.models.loading import load_checked_config, load_tokenizer, resolve_model_path, save_tokenizer
+from kdrun.models.loading import load_checked_config, load_tokenizer, model_saver, resolve_model_path
 from kdrun.metrics import Evaluation
-from kdrun.contract import StageOutput
+from kdrun.stages.context import StageContext
 from kdrun.predict import model_inputs
 from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
 
@@ -85,7 +84,8 @@ def check(cfg: DictConfig) -> None:
     check_corpus(cfg.data.corpus)
 
 
-def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, out_dir = ctx.cfg, ctx.out_dir
     settings = cfg.fit_mlm_head
     accelerator = get_accelerator(cfg.device)
     seed_everything(settings.train.seed)
@@ -100,10 +100,6 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
     def evaluate(module: nn.Module) -> Evaluation:
         return Evaluation(masked_token_accuracy(module, heldout, tokenizer, settings.mlm_probability, settings.train.eval_batch_size, seed=0))
 
-    def save_model(module: nn.Module, directory: Path) -> None:
-        module.mlm.save_pretrained(directory)
-        save_tokenizer(tokenizer, directory)
-
     before = evaluate(model.to(accelerator.device)).metrics
     outcome = train(
         TrainingJob(
@@ -111,7 +107,7 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
             train_features=train_set,
             collate=MaskingCollator(tokenizer, settings.mlm_probability, settings.train.seed),
             compute_loss=lambda m, batch: m(model_inputs(batch), batch["labels"])[0],
-            save_model=save_model,
+            save_model=model_saver(tokenizer, lambda module: module.mlm),
             evaluate=evaluate,
             best_metric="masked_token_accuracy",
             description="fit_mlm_head",

@@ -9,14 +9,13 @@ is one. Output: ``model/``, which task distillation starts from.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from kdrun.contract import StageOutput
 from kdrun.data.corpus import check_corpus, corpus_dataset
 from kdrun.methods import method_of
+from kdrun.stages.context import StageContext
 from kdrun.train import TrainingJob, seed_everything, train
 
 
@@ -25,11 +24,12 @@ def check(cfg: DictConfig) -> None:
     check_corpus(cfg.data.corpus)
 
 
-def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, out_dir = ctx.cfg, ctx.out_dir
     method = method_of(cfg)
     settings = cfg.general_distill
     seed_everything(settings.train.seed)  # before the student is built: its random initialisation
-    setup = method.general_setup(cfg, inputs, out_dir)
+    setup = method.general_setup(ctx)
     corpus = corpus_dataset(cfg.data.corpus, setup.tokenizer, settings.max_seq_length, settings.max_sequences, out_dir / "corpus")
     job = TrainingJob(
         model=setup.model,

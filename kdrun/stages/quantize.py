@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
@@ -32,18 +30,17 @@ from transformers import AutoModelForSequenceClassification
 from kdrun.distill.prediction import PredictionLossSettings, prediction_loss
 from kdrun.distill.layers import StudentWithProjections
 from kdrun.distill.teacher_logits import TeacherLogits
-from kdrun.metrics import Evaluation
-from kdrun.contract import MODEL_INPUT, PipelineError, StageOutput
+from kdrun.contract import PipelineError
 from kdrun.precision import Precision, device_type_of
 from kdrun.report.plots import plot_sensitivities
-from kdrun.predict import main_metric_key, score_dev_sets
+from kdrun.predict import main_metric_key
 from kdrun.quant.allocation import mixed_precision_bits, uniform_bits
 from kdrun.quant.modules import QuantizationPlan, enable_fake_quantization, encoder_layers
 from kdrun.quant.size import packed_size
-from kdrun.stages import task_data
+from kdrun.stages.context import StageContext
 from kdrun.quant.sensitivity import print_sensitivity_table, read_sensitivities
 from kdrun.train import TrainingJob, seed_everything, train
-from kdrun.models.loading import load_tokenizer, save_tokenizer
+from kdrun.models.loading import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -88,32 +85,27 @@ def print_bits_table(plan: QuantizationPlan, size: dict[str, Any], title: str) -
     Console().print(table)
 
 
-def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, out_dir = ctx.cfg, ctx.out_dir
     settings = cfg.quantize
-    source_dir = inputs[MODEL_INPUT].path / "model"
+    source_dir = ctx.model_dir()
     if settings.name == "none":
         (out_dir / "model").symlink_to(source_dir.resolve(), target_is_directory=True)
         return {"model_dir": "model", "quantized": False}
 
-    task = task_data.task_of(cfg)
+    task = ctx.task
     tokenizer = load_tokenizer(str(source_dir))
     model = AutoModelForSequenceClassification.from_pretrained(source_dir)
-    sensitivities = read_sensitivities(inputs["sensitivity"].path) if "sensitivity" in inputs else None
+    sensitivities = read_sensitivities(ctx.inputs["sensitivity"].path) if "sensitivity" in ctx.inputs else None
     plan = bit_plan(settings, len(encoder_layers(model)), sensitivities)
-    collate = task_data.collator(tokenizer, task)
-    dev_sets = task_data.tokenized(task_data.dev_examples(cfg), tokenizer, cfg)
-
-    def save_model(wrapper: torch.nn.Module, directory: Path) -> None:
-        wrapper.student.save_pretrained(directory)
-        save_tokenizer(tokenizer, directory)
-        plan.save(directory)
-
-    def evaluate(wrapper: torch.nn.Module) -> Evaluation:
-        return score_dev_sets(wrapper.student, task, dev_sets, collate, settings.train.eval_batch_size)
+    text = ctx.text(tokenizer)
+    collate = text.collate
+    save_model = text.saver(lambda wrapper: wrapper.student, also=lambda wrapper, directory: plan.save(directory))
+    evaluate = text.evaluator(settings.train.eval_batch_size, lambda wrapper: wrapper.student)
 
     summary: dict[str, Any] = {"model_dir": "model", "quantized": True, "plan": plan.__dict__ | {"layer_bits": list(plan.layer_bits)}}
     if settings.finetune:
-        train_set = task_data.tokenized({"train": task_data.train_examples(cfg)}, tokenizer, cfg)["train"]
+        train_set = text.features(ctx.train_examples())
         full_precision_logits = None
         if settings.distill_from_full_precision:
             full_precision_logits = TeacherLogits.cached(

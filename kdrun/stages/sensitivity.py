@@ -10,32 +10,30 @@ and a plot. Cached, so every mixed-precision row of a sweep shares one computati
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kdrun.data.glue import sample_examples
 from kdrun.models.capture import attention_implementation
-from kdrun.contract import MODEL_INPUT, StageOutput
 from kdrun.report.plots import plot_sensitivities
 from kdrun.predict import model_inputs
 from kdrun.quant.hessian import PowerIterationSettings, layer_sensitivities
 from kdrun.quant.modules import encoder_layers
 from kdrun.quant.sensitivity import RESULT_FILE, print_sensitivity_table
-from kdrun.stages import task_data
+from kdrun.stages.context import StageContext
 
-def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, out_dir = ctx.cfg, ctx.out_dir
     settings = cfg.quantize.hessian
-    task = task_data.task_of(cfg)
-    model_dir = inputs[MODEL_INPUT].path / "model"
+    task = ctx.task
+    model_dir = ctx.model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    examples = sample_examples(task_data.train_examples(cfg), settings.batches * settings.batch_size, settings.seed)
-    features = task_data.tokenized({"train": examples}, tokenizer, cfg)["train"]
-    collate = task_data.collator(tokenizer, task)
+    examples = sample_examples(ctx.train_examples(), settings.batches * settings.batch_size, settings.seed)
+    text = ctx.text(tokenizer)
+    features, collate = text.features(examples), text.collate
     batches = [
         collate([features[i] for i in range(start, min(start + settings.batch_size, len(features)))])
         for start in range(0, len(features), settings.batch_size)

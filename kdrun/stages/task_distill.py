@@ -15,23 +15,21 @@ seed of a sweep shares them). Output: ``model/``, the student with its task head
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
-from kdrun.contract import PipelineError, StageOutput
+from kdrun.contract import PipelineError
 from kdrun.distill.layers import StudentWithProjections, layer_loss
 from kdrun.distill.prediction import prediction_loss
 from kdrun.distill.teacher_logits import TeacherLogits
 from kdrun.methods import method_of
-from kdrun.models.loading import load_checked_config, load_for_sequence_classification, load_model_config, load_tokenizer, save_tokenizer
+from kdrun.models.loading import load_checked_config, load_for_sequence_classification, load_model_config, load_tokenizer
 from kdrun.models.students import bilstm_student_for_task, distil_student_for_task, student_for_task
-from kdrun.metrics import Evaluation
 from kdrun.precision import resolve_precision
-from kdrun.predict import main_metric_key, score_dev_sets
-from kdrun.stages import needs_teacher, needs_teacher_logits, task_data
+from kdrun.predict import main_metric_key
+from kdrun.stages import needs_teacher, needs_teacher_logits
+from kdrun.stages.context import StageContext, check_data_available, task_of
 from kdrun.train import TrainingJob, get_accelerator, seed_everything, train
 
 
@@ -52,68 +50,61 @@ def check(cfg: DictConfig) -> None:
         )
     method = method_of(cfg)
     method.check(cfg, "task_distill")
-    method.prediction_settings(cfg.distill, task_data.task_of(cfg).is_regression)
+    method.prediction_settings(cfg.distill, task_of(cfg).is_regression)
     load_checked_config(cfg.teacher.path, cfg.teacher.revision)  # its weights and tokenizer, before compute
-    task_data.check_data_available(cfg)
+    check_data_available(cfg)
 
 
-def _student(cfg: DictConfig, task, inputs: dict[str, StageOutput], teacher_config, teacher_tokenizer, train_examples):
+def _student(ctx: StageContext, teacher_config, teacher_tokenizer, train_examples):
     """(student with a task head, its tokenizer, where it started from)."""
-    general = inputs.get("general_distill")
+    cfg, task = ctx.cfg, ctx.task
+    general = ctx.inputs.get("general_distill")
     kind = cfg.student.kind
     if kind == "bilstm":
         texts = [t for column in ("text_a", "text_b") for t in train_examples[column] if t]
         student, tokenizer, coverage = bilstm_student_for_task(cfg.student, task, texts, cfg.data.max_seq_length)
         return student, tokenizer, {"init": f"new, embeddings {cfg.student.embeddings}", **coverage}
     if kind == "distilbert":
-        init_from = general.path / "model" if general is not None else None
+        init_from = ctx.model_dir("general_distill") if general is not None else None
         student = distil_student_for_task(cfg.student, task, init_from, cfg.teacher.path)
         return student, teacher_tokenizer, {"init": str(init_from or f"teacher layers ({cfg.student.init})")}
-    init_from = general.path / "model" if general is not None else cfg.student.init
+    init_from = ctx.model_dir("general_distill") if general is not None else cfg.student.init
     return student_for_task(cfg.student, teacher_config, task, init_from), teacher_tokenizer, {"init": str(init_from)}
 
 
-def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, inputs, out_dir, task = ctx.cfg, ctx.inputs, ctx.out_dir, ctx.task
     method = method_of(cfg)
-    task = task_data.task_of(cfg)
     accelerator = get_accelerator(cfg.device)
     teacher = None
     if cfg.task_distill.intermediate.enabled:  # step 1 runs the fine-tuned teacher (step 2 reads teacher_logits)
-        teacher, teacher_tokenizer = load_for_sequence_classification(str(inputs["finetune_teacher"].path / "model"), task)
+        teacher, teacher_tokenizer = load_for_sequence_classification(str(ctx.model_dir("finetune_teacher")), task)
         teacher = resolve_precision(cfg.device).inference_model(teacher, copy=False)  # frozen: weights in the run's precision
         teacher.to(accelerator.device).eval().requires_grad_(False)
         teacher_config = teacher.config
     else:  # only the teacher's shape and tokenizer (the fine-tuned one's when it ran; labels only, e.g. w/o TD: the pre-trained one's)
-        fitted = inputs.get("finetune_teacher")
-        path, revision = (str(fitted.path / "model"), None) if fitted is not None else (cfg.teacher.path, cfg.teacher.revision)
+        fitted = "finetune_teacher" in inputs
+        path, revision = (str(ctx.model_dir("finetune_teacher")), None) if fitted else (cfg.teacher.path, cfg.teacher.revision)
         teacher_tokenizer = load_tokenizer(path, revision)
         teacher_config = load_model_config(path, revision)
-    train_examples = task_data.distillation_rows(cfg, inputs, task.is_regression)
+    train_examples = ctx.distillation_rows()
     seed_everything(cfg.task_distill.intermediate.train.seed)
-    student, tokenizer, summary = _student(cfg, task, inputs, teacher_config, teacher_tokenizer, train_examples)
-    collate = task_data.collator(tokenizer, task)
-    train_set = task_data.tokenized({"train": train_examples}, tokenizer, cfg)["train"]
-    dev_sets = task_data.tokenized(task_data.dev_examples(cfg), tokenizer, cfg)
+    student, tokenizer, summary = _student(ctx, teacher_config, teacher_tokenizer, train_examples)
+    text = ctx.text(tokenizer)
+    train_set = text.features(train_examples)
     summary = {"model_dir": "model", "train_examples": len(train_set), **summary}
-
-    def save_student(model: torch.nn.Module, directory: Path) -> None:
-        model.student.save_pretrained(directory)
-        save_tokenizer(tokenizer, directory)
-        model.save_projections(directory)
-
-    def evaluate(model: torch.nn.Module) -> Evaluation:
-        return score_dev_sets(model.student, task, dev_sets, collate, cfg.task_distill.prediction.train.eval_batch_size)
+    save_student = text.saver(lambda wrapper: wrapper.student, also=lambda wrapper, directory: wrapper.save_projections(directory))
 
     if cfg.task_distill.intermediate.enabled:
         objective = method.layer_objective(cfg.distill, student.config, teacher.config, "task_distill")
         wrapper = StudentWithProjections(student, objective.projections)
         if "general_distill" in inputs:
-            summary["projections_from_general"] = wrapper.load_projections(inputs["general_distill"].path / "model")
+            summary["projections_from_general"] = wrapper.load_projections(ctx.model_dir("general_distill"))
         outcome = train(
             TrainingJob(
                 model=wrapper,
                 train_features=train_set,
-                collate=collate,
+                collate=text.collate,
                 compute_loss=layer_loss(teacher, objective, task.is_regression),
                 save_model=save_student,
                 keep_best=False,
@@ -141,10 +132,10 @@ def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[
             TrainingJob(
                 model=StudentWithProjections(student),
                 train_features=train_set,
-                collate=collate,
+                collate=text.collate,
                 compute_loss=prediction_loss(settings, task.is_regression, logits),
                 save_model=save_student,
-                evaluate=evaluate,
+                evaluate=text.evaluator(cfg.task_distill.prediction.train.eval_batch_size, lambda wrapper: wrapper.student),
                 best_metric=main_metric_key(task),
                 keep_best=cfg.task_distill.keep_best,
                 description=f"task_distill step 2 {task.name}",

@@ -12,35 +12,34 @@ Output: ``logits.safetensors`` (``ids`` and ``logits``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from kdrun.contract import StageOutput
 from kdrun.distill.teacher_logits import TeacherLogits
 from kdrun.models.loading import load_for_sequence_classification
 from kdrun.precision import resolve_precision
 from kdrun.predict import predict_logits
-from kdrun.stages import task_data
+from kdrun.stages.context import StageContext, check_data_available
 from kdrun.train import get_accelerator
 
 LOGITS_FILE = "logits.safetensors"
 
 
 def check(cfg: DictConfig) -> None:
-    task_data.check_data_available(cfg)
+    check_data_available(cfg)
 
 
-def run(cfg: DictConfig, inputs: dict[str, StageOutput], out_dir: Path) -> dict[str, Any]:
-    task = task_data.task_of(cfg)
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg = ctx.cfg
     precision = resolve_precision(cfg.device)
-    teacher, tokenizer = load_for_sequence_classification(str(inputs["finetune_teacher"].path / "model"), task)
+    teacher, tokenizer = load_for_sequence_classification(str(ctx.model_dir("finetune_teacher")), ctx.task)
     teacher = precision.inference_model(teacher, copy=False)
     teacher.to(get_accelerator(cfg.device).device).eval().requires_grad_(False)
-    rows = task_data.tokenized({"train": task_data.distillation_rows(cfg, inputs, task.is_regression)}, tokenizer, cfg)["train"]
+    text = ctx.text(tokenizer)
+    rows = text.features(ctx.distillation_rows())
     batch_size = cfg.task_distill.prediction.train.eval_batch_size
-    logits = predict_logits(teacher, rows, task_data.collator(tokenizer, task), batch_size, description="teacher logits", precision=precision)
-    TeacherLogits(torch.tensor(rows["id"]), torch.from_numpy(logits)).save(out_dir / LOGITS_FILE)
+    logits = predict_logits(teacher, rows, text.collate, batch_size, description="teacher logits", precision=precision)
+    TeacherLogits(torch.tensor(rows["id"]), torch.from_numpy(logits)).save(ctx.out_dir / LOGITS_FILE)
     return {"file": LOGITS_FILE, "rows": len(rows), "labels": int(logits.shape[1]), "precision": precision.name}

@@ -22,7 +22,7 @@ from test_config import _compose
 
 
 def _planned(key: str = "k1") -> PlannedStage:
-    return PlannedStage(Stage(name="demo", run=lambda cfg, inputs, out: {}), inputs=[], key=key, slice={"x": 1})
+    return PlannedStage(Stage(name="demo", run=lambda ctx: {}), inputs=[], key=key, slice={"x": 1})
 
 
 def _compute(calls: list[int]):

@@ -13,7 +13,7 @@ from kdrun.pipeline import MANIFEST, PlannedStage, Stage, StageCache, stage_key
 
 
 def _planned(name: str = "demo", key: str = "k1") -> PlannedStage:
-    return PlannedStage(Stage(name=name, run=lambda cfg, inputs, out: {}), inputs=[], key=key, slice={"x": 1})
+    return PlannedStage(Stage(name=name, run=lambda ctx: {}), inputs=[], key=key, slice={"x": 1})
 
 
 def _compute_counting(counter: Path, seconds: float = 0.0):

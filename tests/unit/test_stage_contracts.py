@@ -98,13 +98,13 @@ def test_task_only_settings_do_not_change_the_general_student_key() -> None:
 
 def test_a_stage_sees_only_what_it_declares() -> None:
     cfg = _compose("experiment=tinybert_sst2", "teacher.path=/somewhere")
-    stage = Stage(name="demo", run=lambda view, inputs, out: {"lr": view.task_distill.intermediate.train.learning_rate,
-                                                           "teacher": view.teacher.path, "precision": view.device.precision},
+    stage = Stage(name="demo", run=lambda ctx: {"lr": ctx.cfg.task_distill.intermediate.train.learning_rate,
+                                                "teacher": ctx.cfg.teacher.path, "precision": ctx.cfg.device.precision},
                   reads=("task_distill",), sources=("teacher",))
     view = stage_view(cfg, stage)
     assert set(view) == {"task_distill", "teacher", "device"} and view.teacher.path == "/somewhere"
     assert _run_stage(stage, view, {}, Path("."))["teacher"] == "/somewhere"
-    nosy = Stage(name="nosy", run=lambda view, inputs, out: view.distill.weights.hidden, reads=("task_distill",))
+    nosy = Stage(name="nosy", run=lambda ctx: ctx.cfg.distill.weights.hidden, reads=("task_distill",))
     with pytest.raises(UndeclaredRead, match=r"Stage 'nosy' read the config setting distill"):
         _run_stage(nosy, stage_view(cfg, nosy), {}, Path("."))
     # A view is read-only: a stage cannot pass settings to the stages after it through the config.
@@ -119,10 +119,10 @@ def test_model_consumers_name_their_model_input() -> None:
     assert planned["quantize"].model_from == "finetune_teacher" and planned["quantize"].inputs == ["sensitivity", "finetune_teacher"]
     assert planned["evaluate"].model_from == "quantize"
     seen = {}
-    stage = Stage(name="consumer", run=lambda view, inputs, out: seen.update(inputs) or {}, consumes_model=True)
-    output = StageOutput("quantize", "k", Path("."), {}, "hit")
+    stage = Stage(name="consumer", run=lambda ctx: seen.update(model=ctx.model_input, dir=ctx.model_dir()) or {}, consumes_model=True)
+    output = StageOutput("quantize", "k", Path("/cache/quantize/k"), {"model_dir": "model"}, "hit")
     _run_stage(stage, stage_view(_compose(), stage), {MODEL_INPUT: output}, Path("."))
-    assert seen[MODEL_INPUT] is output
+    assert seen == {"model": output, "dir": Path("/cache/quantize/k/model")}
 
 
 def test_methods_refuse_students_they_cannot_train() -> None:
