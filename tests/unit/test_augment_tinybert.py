@@ -28,7 +28,7 @@ from kdrun.augment.tinybert import (
 from kdrun.models.masked_lm import load_masked_lm
 from kdrun.models.loading import ModelSetupError
 
-from test_config import _compose
+from composing import compose_config
 
 # Five 3-d vectors whose cosine order is known by construction (see test_glove_neighbours_by_cosine).
 GLOVE_LINES = [
@@ -253,7 +253,7 @@ def test_a_checkpoint_without_a_trained_head_is_refused(tiny_bert_dir: Path) -> 
 
 
 def test_tinybert_experiments_augment_with_tinybert_and_fit_the_lm_first() -> None:
-    cfg = _compose("experiment=tinybert_mrpc")
+    cfg = compose_config("experiment=tinybert_mrpc")
     assert cfg.augment.name == "tinybert" and cfg.augment.n_iter is None
     stages = list(cfg.pipeline.stages)
     assert stages.index("fit_mlm_head") < stages.index("augment") < stages.index("task_distill")
@@ -262,7 +262,7 @@ def test_tinybert_experiments_augment_with_tinybert_and_fit_the_lm_first() -> No
 def test_fit_mlm_head_is_skipped_when_nothing_needs_it() -> None:
     from kdrun.pipeline import plan
 
-    names = lambda *o: [p.stage.name for p in plan(_compose("experiment=tinybert_sst2", *o))]  # noqa: E731
+    names = lambda *o: [p.stage.name for p in plan(compose_config("experiment=tinybert_sst2", *o))]  # noqa: E731
     assert "fit_mlm_head" in names()
     assert "fit_mlm_head" not in names("ablation=no_da")
     assert "fit_mlm_head" not in names("augment=tang")

@@ -20,7 +20,7 @@ from kdrun.models.bilstm import BiLstmConfig, BiLstmForSequenceClassification, t
 from kdrun.models.students import bilstm_student_for_task
 from kdrun.pipeline import plan
 
-from test_config import _compose
+from composing import compose_config
 
 TEXTS = ["A fine, fine film.", "a dull film", "the actors are fine"]
 
@@ -146,11 +146,11 @@ def test_cached_teacher_logits_follow_shuffled_ids(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ recipe
 
 
-def test_bilstm_experiments_compose() -> None:
-    cfg = _compose("experiment=bilstm_sst2")
+def test_bilstm_experimentscompose_config() -> None:
+    cfg = compose_config("experiment=bilstm_sst2")
     assert (cfg.student.kind, cfg.distill.prediction_loss, cfg.distill.weights.hard, cfg.augment.name) == ("bilstm", "mse", 0.0, "tang")
     assert [p.stage.name for p in plan(cfg)] == ["finetune_teacher", "augment", "teacher_logits", "task_distill", "evaluate"]
-    nokd = _compose("experiment=bilstm_nokd_sst2")
+    nokd = compose_config("experiment=bilstm_nokd_sst2")
     assert nokd.augment.name == "none" and nokd.distill.prediction_target == "labels"
     assert [p.stage.name for p in plan(nokd)] == ["task_distill", "evaluate"]
 

@@ -18,7 +18,7 @@ import pytest
 from kdrun.fingerprint import HashMemo, path_fingerprint
 from kdrun.pipeline import MANIFEST, PlannedStage, Stage, StageCache, plan, run_pipeline
 
-from test_config import _compose
+from composing import compose_config
 
 
 def _planned(key: str = "k1") -> PlannedStage:
@@ -104,7 +104,7 @@ def _relabelled_glue(glue_dir: Path, target: Path, label: str | None) -> Path:
 
 
 def _keys(*overrides: str) -> dict[str, str]:
-    return {step.stage.name: step.key for step in plan(_compose(*overrides))}
+    return {step.stage.name: step.key for step in plan(compose_config(*overrides))}
 
 
 def test_the_key_follows_the_content_of_the_glue_files_not_their_path(glue_dir: Path, tmp_path: Path) -> None:
@@ -164,8 +164,8 @@ SMOKE = ("scale=smoke", "device=cpu", "evaluate.measure_latency=false", "evaluat
 def test_a_teacher_trained_on_other_data_is_not_reused(tiny_bert_dir: Path, glue_dir: Path, tmp_path: Path) -> None:
     ones = _relabelled_glue(glue_dir, tmp_path / "ones", "1")
     cache = f"cache.dir={tmp_path / 'cache'}"
-    relabelled = run_pipeline(_compose("experiment=teacher_sst2", *SMOKE, f"teacher.path={tiny_bert_dir}", f"data.glue_dir={ones}", cache), tmp_path / "a")
-    real = run_pipeline(_compose("experiment=teacher_sst2", *SMOKE, f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", cache), tmp_path / "b")
+    relabelled = run_pipeline(compose_config("experiment=teacher_sst2", *SMOKE, f"teacher.path={tiny_bert_dir}", f"data.glue_dir={ones}", cache), tmp_path / "a")
+    real = run_pipeline(compose_config("experiment=teacher_sst2", *SMOKE, f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", cache), tmp_path / "b")
     assert relabelled["finetune_teacher"].cache == "computed"
     assert real["finetune_teacher"].cache == "computed"  # before: "cache hit", and the relabelled run's score
     assert real["finetune_teacher"].key != relabelled["finetune_teacher"].key
@@ -179,11 +179,11 @@ def test_damaged_teacher_and_teacher_logits_are_recomputed(tiny_bert_dir: Path, 
         "augment=none", "pipeline.stages=[finetune_teacher,teacher_logits,task_distill,evaluate]", "task_distill.intermediate.enabled=false",
         f"cache.dir={tmp_path / 'cache'}",
     )
-    first = run_pipeline(_compose(*overrides), tmp_path / "a")
+    first = run_pipeline(compose_config(*overrides), tmp_path / "a")
     logits = first["teacher_logits"].path / first["teacher_logits"].summary["file"]
     _zeros_inside(first["finetune_teacher"].path / "model" / "model.safetensors")
     with caplog.at_level(logging.WARNING):
-        second = run_pipeline(_compose(*overrides), tmp_path / "b")
+        second = run_pipeline(compose_config(*overrides), tmp_path / "b")
     assert second["finetune_teacher"].cache == "computed"
     assert any("finetune_teacher: the cached entry" in m and "model/model.safetensors is not the file" in m for m in caplog.messages)
     # Recomputed bit-identically (exact training), so the later stages' keys are unchanged and their entries reused.
@@ -193,7 +193,7 @@ def test_damaged_teacher_and_teacher_logits_are_recomputed(tiny_bert_dir: Path, 
     os.truncate(logits, 100)  # the teacher-logits file, cut short
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        third = run_pipeline(_compose(*overrides, "cache.force=[task_distill]"), tmp_path / "c")
+        third = run_pipeline(compose_config(*overrides, "cache.force=[task_distill]"), tmp_path / "c")
     assert (third["teacher_logits"].cache, third["task_distill"].cache) == ("computed", "computed")
     assert any("teacher_logits: the cached entry" in m and "logits.safetensors" in m for m in caplog.messages)
     assert len(list(logits.parent.parent.glob("*.damaged-*"))) == 1

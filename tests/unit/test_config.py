@@ -5,23 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from kdrun.config import KdrunConfig, config_dir, register_configs
+from kdrun.config import KdrunConfig, config_dir
 from kdrun.pipeline import PipelineError, plan
 from kdrun.recipes import recipe_names
+from composing import compose_config
 
 CONF = Path(config_dir())
 RECIPES = recipe_names(CONF)
 SCALES = sorted(p.stem for p in (CONF / "scale").glob("*.yaml"))
 
 
-def _compose(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def test_every_experiment_file_is_a_recipe() -> None:
@@ -34,7 +30,7 @@ def test_every_experiment_file_is_a_recipe() -> None:
 def test_recipe_composes_validates_and_plans(recipe: str, scale: str) -> None:
     # Aliases (recipe_task) compose as recipe + task: tests/test_recipes_and_tables.py.
     task = "stsb" if recipe != "mlm_head" else "sst2"  # the regression task exercises num_labels=1
-    cfg = _compose(f"experiment={recipe}", f"task={task}", f"scale={scale}")
+    cfg = compose_config(f"experiment={recipe}", f"task={task}", f"scale={scale}")
     assert cfg.experiment_name == (recipe if recipe == "mlm_head" else f"{recipe}_{task}")
     assert cfg.scale == scale
     typed = OmegaConf.to_object(cfg)  # raises on any missing or ill-typed value
@@ -55,13 +51,13 @@ def test_recipe_composes_validates_and_plans(recipe: str, scale: str) -> None:
 
 
 def test_experiment_selects_its_task() -> None:
-    assert _compose("experiment=teacher_mrpc").task.name == "mrpc"
-    assert _compose("experiment=teacher_stsb", "scale=paper").finetune_teacher.train.learning_rate == 2e-5
+    assert compose_config("experiment=teacher_mrpc").task.name == "mrpc"
+    assert compose_config("experiment=teacher_stsb", "scale=paper").finetune_teacher.train.learning_rate == 2e-5
 
 
 def test_misspelt_key_fails_naming_the_key() -> None:
     with pytest.raises(ConfigCompositionException) as error:
-        _compose("experiment=teacher_sst2", "finetune_teacher.train.epoch=2")
+        compose_config("experiment=teacher_sst2", "finetune_teacher.train.epoch=2")
     message = str(error.value) + str(error.value.__cause__)
     assert "Key 'epoch' not in 'TrainConfig'" in message
     assert "finetune_teacher.train.epoch" in message
@@ -69,25 +65,25 @@ def test_misspelt_key_fails_naming_the_key() -> None:
 
 def test_wrong_type_fails_naming_the_key() -> None:
     with pytest.raises(ConfigCompositionException) as error:
-        _compose("experiment=teacher_sst2", "finetune_teacher.train.batch_size=many")
+        compose_config("experiment=teacher_sst2", "finetune_teacher.train.batch_size=many")
     message = str(error.value) + str(error.value.__cause__)
     assert "finetune_teacher.train.batch_size" in message
 
 
 def test_unknown_stage_and_misplaced_stage_fail_at_plan_time() -> None:
     with pytest.raises(PipelineError, match="unknown stage"):
-        plan(_compose("pipeline.stages=[finetune_teacher,evaluat]"))
+        plan(compose_config("pipeline.stages=[finetune_teacher,evaluat]"))
     with pytest.raises(PipelineError, match="model-producing stage"):
-        plan(_compose("pipeline.stages=[evaluate]"))
+        plan(compose_config("pipeline.stages=[evaluate]"))
     with pytest.raises(PipelineError, match="cache.force"):
-        plan(_compose("cache.force=[augment]"))
+        plan(compose_config("cache.force=[augment]"))
 
 
 def test_keys_follow_exactly_what_a_stage_reads() -> None:
-    base = {s.stage.name: s.key for s in plan(_compose("experiment=teacher_sst2"))}
-    evaluate_changed = {s.stage.name: s.key for s in plan(_compose("experiment=teacher_sst2", "evaluate.latency_repeats=3"))}
-    lr_changed = {s.stage.name: s.key for s in plan(_compose("experiment=teacher_sst2", "finetune_teacher.train.learning_rate=1e-4"))}
-    device_changed = {s.stage.name: s.key for s in plan(_compose("experiment=teacher_sst2", "device=cpu"))}
+    base = {s.stage.name: s.key for s in plan(compose_config("experiment=teacher_sst2"))}
+    evaluate_changed = {s.stage.name: s.key for s in plan(compose_config("experiment=teacher_sst2", "evaluate.latency_repeats=3"))}
+    lr_changed = {s.stage.name: s.key for s in plan(compose_config("experiment=teacher_sst2", "finetune_teacher.train.learning_rate=1e-4"))}
+    device_changed = {s.stage.name: s.key for s in plan(compose_config("experiment=teacher_sst2", "device=cpu"))}
     assert evaluate_changed["finetune_teacher"] == base["finetune_teacher"]
     assert evaluate_changed["evaluate"] != base["evaluate"]
     assert lr_changed["finetune_teacher"] != base["finetune_teacher"]
@@ -100,8 +96,8 @@ def test_keys_follow_exactly_what_a_stage_reads() -> None:
 def test_augmentation_copies_follow_each_paper_per_task_unless_set() -> None:
     from kdrun.stages.augment import _tang_settings, _tinybert_settings
 
-    tang = {task: _tang_settings(_compose("experiment=bilstm", f"task={task}")).n_iter for task in ("sst2", "mnli", "qqp", "mrpc")}
+    tang = {task: _tang_settings(compose_config("experiment=bilstm", f"task={task}")).n_iter for task in ("sst2", "mnli", "qqp", "mrpc")}
     assert tang == {"sst2": 20, "mnli": 10, "qqp": 10, "mrpc": 20}  # Tang et al. section 4.2; MRPC: not in the paper
-    tinybert = {task: _tinybert_settings(_compose("experiment=tinybert", f"task={task}")).n_copies for task in ("sst2", "mnli", "mrpc")}
+    tinybert = {task: _tinybert_settings(compose_config("experiment=tinybert", f"task={task}")).n_copies for task in ("sst2", "mnli", "mrpc")}
     assert tinybert == {"sst2": 20, "mnli": 10, "mrpc": 30}
-    assert _tang_settings(_compose("experiment=bilstm", "task=mnli", "augment.n_iter=3")).n_iter == 3
+    assert _tang_settings(compose_config("experiment=bilstm", "task=mnli", "augment.n_iter=3")).n_iter == 3

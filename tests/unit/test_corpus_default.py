@@ -5,17 +5,12 @@ from __future__ import annotations
 import logging
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 import kdrun.data.corpus as corpus_module
-from kdrun.config import config_dir, register_configs
 from kdrun.data.corpus import DEFAULT_HUB_CORPUS, CorpusNotFound, check_corpus, default_corpus, hub_reachable
+from composing import compose_config
 
 
-def _compose(*overrides: str):
-    register_configs()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def test_a_set_corpus_is_kept_and_the_hub_is_not_asked() -> None:
@@ -56,7 +51,7 @@ def test_cli_sets_the_default_before_planning(monkeypatch: pytest.MonkeyPatch, c
 
     monkeypatch.delenv("KDRUN_CORPUS", raising=False)
     monkeypatch.setattr(corpus_module, "hub_reachable", lambda timeout=5.0: reachable)
-    cfg = _compose("experiment=tinybert_sst2")
+    cfg = compose_config("experiment=tinybert_sst2")
     assert cfg.data.corpus is None
     with caplog.at_level(logging.INFO, logger="kdrun"):
         _default_corpus(cfg)
@@ -69,6 +64,6 @@ def test_cli_leaves_runs_without_a_corpus_stage_alone(monkeypatch: pytest.Monkey
 
     monkeypatch.delenv("KDRUN_CORPUS", raising=False)
     monkeypatch.setattr(corpus_module, "hub_reachable", lambda timeout=5.0: True)
-    cfg = _compose("experiment=teacher_sst2")
+    cfg = compose_config("experiment=teacher_sst2")
     _default_corpus(cfg)
     assert cfg.data.corpus is None

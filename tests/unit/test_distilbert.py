@@ -15,7 +15,7 @@ from kdrun.distill.distilbert import MaskedLmStudent, TripleLossSettings, cosine
 from kdrun.models.distil_student import distil_from_teacher, teacher_layers_to_keep, teacher_tensor_names
 from kdrun.pipeline import plan
 
-from test_config import _compose
+from composing import compose_config
 
 
 def _teacher(layers: int = 6, seed: int = 0) -> BertForMaskedLM:
@@ -141,22 +141,22 @@ def test_a_teacher_without_mlm_head_gives_a_student_with_a_new_head() -> None:
 # ------------------------------------------------------------------------------ config
 
 
-def test_distilbert_experiments_and_table_4_ablations_compose() -> None:
-    cfg = _compose("experiment=distilbert_sst2")
+def test_distilbert_experiments_and_table_4_ablationscompose_config() -> None:
+    cfg = compose_config("experiment=distilbert_sst2")
     assert (cfg.student.kind, cfg.distill.name, cfg.task_distill.intermediate.enabled) == ("distilbert", "distilbert", False)
     assert (cfg.distill.weights.ce, cfg.distill.weights.mlm, cfg.distill.weights.cos, cfg.distill.temperature) == (5.0, 2.0, 1.0, 2.0)
     # The paper's protocol fine-tunes the distilled model on the labels: no stage needs a fine-tuned teacher.
     assert cfg.distill.prediction_target == "labels"
     assert [p.stage.name for p in plan(cfg)] == ["fit_mlm_head", "general_distill", "task_distill", "evaluate"]
-    distilled = _compose("experiment=distilbert_sst2", "distill.prediction_target=teacher")
+    distilled = compose_config("experiment=distilbert_sst2", "distill.prediction_target=teacher")
     assert [p.stage.name for p in plan(distilled)] == ["finetune_teacher", "fit_mlm_head", "general_distill", "teacher_logits", "task_distill", "evaluate"]
-    assert _compose("experiment=distilbert_sst2", "ablation=distil_no_ce").distill.weights.ce == 0.0
-    assert _compose("experiment=distilbert_sst2", "ablation=distil_no_cos").distill.weights.cos == 0.0
-    assert _compose("experiment=distilbert_sst2", "ablation=distil_no_mlm").distill.weights.mlm == 0.0
-    assert _compose("experiment=distilbert_sst2", "ablation=distil_random_init").student.init == "random"
+    assert compose_config("experiment=distilbert_sst2", "ablation=distil_no_ce").distill.weights.ce == 0.0
+    assert compose_config("experiment=distilbert_sst2", "ablation=distil_no_cos").distill.weights.cos == 0.0
+    assert compose_config("experiment=distilbert_sst2", "ablation=distil_no_mlm").distill.weights.mlm == 0.0
+    assert compose_config("experiment=distilbert_sst2", "ablation=distil_random_init").student.init == "random"
     # The fit_mlm_head stage is for the teacher's MLM head: TinyBERT pipelines do not use it for general distillation.
     keys = {p.stage.name: p.key for p in plan(cfg)}
-    ablated = {p.stage.name: p.key for p in plan(_compose("experiment=distilbert_sst2", "ablation=distil_no_cos"))}
+    ablated = {p.stage.name: p.key for p in plan(compose_config("experiment=distilbert_sst2", "ablation=distil_no_cos"))}
     assert keys["fit_mlm_head"] == ablated["fit_mlm_head"]
     assert keys["general_distill"] != ablated["general_distill"]
 
@@ -198,7 +198,7 @@ def test_every_distilbert_ablation_row_runs_end_to_end(tiny_bert_dir, glue_dir, 
     for row in (*DISTILBERT_ROWS, "distilled"):
         overrides = ("distill.prediction_target=teacher",) if row == "distilled" else (f"ablation={row}",)
         (tmp_path / row).mkdir()
-        outputs[row] = run_pipeline(_compose(*common, *overrides), tmp_path / row)
+        outputs[row] = run_pipeline(compose_config(*common, *overrides), tmp_path / row)
         evaluation = outputs[row]["evaluate"].summary
         assert set(evaluation["dev"]) == {"f1", "accuracy"} and evaluation["model_from"] == "task_distill", row
     keys = {stage: {row: out[stage].key for row, out in outputs.items()} for stage in ("fit_mlm_head", "general_distill")}

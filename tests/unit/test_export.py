@@ -26,7 +26,7 @@ from kdrun.results import build_results
 from kdrun.stages.export import load_deployable
 
 from conftest import MINILM
-from test_config import _compose
+from composing import compose_config
 
 FAST = ("scale=smoke", "device=cpu", "device.threads=2", "evaluate.latency_warmup=1", "evaluate.latency_repeats=1",
         "evaluate.latency_batch_sizes=[1,32]", "evaluate.latency_seq_length=128")
@@ -44,7 +44,7 @@ def teacher_run(tiny_bert_dir, glue_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("export-teacher")
     overrides = ("experiment=teacher_sst2", *FAST, f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
                  f"cache.dir={root / 'cache'}", "pipeline.stages=[finetune_teacher,evaluate,export]", "evaluate.formats=[fp32]")
-    cfg = _compose(*overrides)
+    cfg = compose_config(*overrides)
     return cfg, overrides, run_pipeline(cfg, root / "run"), root
 
 
@@ -132,7 +132,7 @@ def test_model_card_snippet_runs_from_the_exported_directory(teacher_run) -> Non
 def test_rerun_is_a_cache_hit(teacher_run) -> None:
     _, overrides, outputs, root = teacher_run
     # Without the evaluate stage (the export does not read its output): the same key, found in the cache.
-    again = run_pipeline(_compose(*overrides, "pipeline.stages=[finetune_teacher,export]"), root / "again")
+    again = run_pipeline(compose_config(*overrides, "pipeline.stages=[finetune_teacher,export]"), root / "again")
     assert again["export"].cache == "hit" and again["export"].path == outputs["export"].path
     assert again["export"].summary == outputs["export"].summary
 
@@ -158,7 +158,7 @@ def test_disagreeing_graph_fails_loudly_and_publishes_nothing(teacher_run, glue_
     model_dir = Path(outputs["export"].summary["model_dir"])
     overrides = ("experiment=export_model", *FAST, *NO_TIMING, f"data.glue_dir={glue_dir}", f"export.model={model_dir}", f"cache.dir={tmp_path / 'cache'}")
     with pytest.raises(PipelineError) as failure:
-        run_pipeline(_compose(*overrides), tmp_path / "run")
+        run_pipeline(compose_config(*overrides), tmp_path / "run")
     message = str(failure.value)
     assert "\n" not in message and "export.min_agreement.onnx=0.99" in message and "of 64 dev examples" in message
     assert [p.name for p in (tmp_path / "cache" / "export").iterdir() if not p.name.endswith((".lock", ".partial"))] == []
@@ -166,17 +166,17 @@ def test_disagreeing_graph_fails_loudly_and_publishes_nothing(teacher_run, glue_
     assert not (tmp_path / "run" / "results.json").exists()
 
     monkeypatch.setattr(graphs, "export_onnx", original)  # the same standalone export, uncorrupted
-    exported = run_pipeline(_compose(*overrides), tmp_path / "run")
+    exported = run_pipeline(compose_config(*overrides), tmp_path / "run")
     # The model directory was brought in by the failed run (that stage succeeded); the export is computed now.
     assert exported["import_model"].cache == "hit" and exported["export"].cache == "computed"
     assert exported["export"].summary["parity"]["onnx"]["agreement"] == 1.0
-    record = build_results(_compose(*overrides), exported, list(overrides), "standalone")
+    record = build_results(compose_config(*overrides), exported, list(overrides), "standalone")
     assert record["main_score"] == exported["export"].summary["deployment"]["fp32"]["main_score"]
 
 
 def test_missing_extra_is_one_line_before_any_compute(tiny_bert_dir, glue_dir, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
-    cfg = _compose("experiment=teacher_sst2", "scale=smoke", f"teacher.path={tiny_bert_dir}", "pipeline.stages=[finetune_teacher,evaluate,export]")
+    cfg = compose_config("experiment=teacher_sst2", "scale=smoke", f"teacher.path={tiny_bert_dir}", "pipeline.stages=[finetune_teacher,evaluate,export]")
     with pytest.raises(PipelineError) as failure:
         plan(cfg)
     assert str(failure.value) == "Invalid config: the export stage needs onnxruntime, which does not import here: pip install 'kdrun[export]'"
@@ -202,7 +202,7 @@ def test_bilstm_student_exports_with_exact_parity(task, glue_dir, tmp_path) -> N
     model_dir = _word_model_dir(tmp_path / "bilstm", texts[:400], spec.is_pair)
     overrides = ("experiment=export_model", f"task={task}", *FAST, *NO_TIMING, f"data.glue_dir={glue_dir}", f"export.model={model_dir}",
                  f"cache.dir={tmp_path / 'cache'}")
-    outputs = run_pipeline(_compose(*overrides), tmp_path / "run")
+    outputs = run_pipeline(compose_config(*overrides), tmp_path / "run")
     summary = outputs["export"].summary
     assert summary["inputs"] == (["input_ids", "attention_mask", "token_type_ids"] if spec.is_pair else ["input_ids", "attention_mask"])
     assert summary["parity"]["onnx"]["agreement"] == 1.0
@@ -240,7 +240,7 @@ def test_qbert_model_exports_its_grid_weights(tiny_bert_dir, glue_dir, tmp_path)
     QuantizationPlan(layer_bits=(4, 3), groups=4).save(tmp_path / "qbert")
     overrides = ("experiment=export_model", *FAST, *NO_TIMING, f"data.glue_dir={glue_dir}", f"export.model={tmp_path / 'qbert'}",
                  f"cache.dir={tmp_path / 'cache'}")
-    outputs = run_pipeline(_compose(*overrides), tmp_path / "run")
+    outputs = run_pipeline(compose_config(*overrides), tmp_path / "run")
     summary = outputs["export"].summary
     assert summary["qbert"]["layer_bits"] == [4, 3] and summary["parity"]["onnx"]["agreement"] == 1.0
     # Every quantized matrix (6 a layer) and embedding table (words, positions, token types) carried as its grid.

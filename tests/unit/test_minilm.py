@@ -15,7 +15,7 @@ from transformers import BertConfig, BertModel
 from kdrun.methods.minilm import MiniLmObjective, relation_kl, value_relation_logits
 from kdrun.models.capture import CapturedOutputs, forward_with_capture
 
-from test_config import _compose
+from composing import compose_config
 
 
 def _kl_by_hand(teacher: np.ndarray, student: np.ndarray, mask: np.ndarray) -> float:
@@ -111,19 +111,19 @@ def test_minilm_checks_heads_and_keys_only_what_it_reads(tiny_bert_dir: Path, gl
     base = ("experiment=minilm_sst2", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}", f"data.corpus={corpus}",
             "student.num_hidden_layers=2", "student.hidden_size=24", "student.intermediate_size=48")
     with pytest.raises(PipelineError, match=r"distill=minilm compares attention maps and value relations head by head.*has 2 heads"):
-        registered_stages()["general_distill"].check(_compose(*base, "student.num_attention_heads=3"))
-    registered_stages()["general_distill"].check(_compose(*base, "student.num_attention_heads=2"))  # the width is free: 24 != 32
-    keys = {p.stage.name: p.key for p in plan(_compose(*base, "student.num_attention_heads=2"))}
-    hotter = {p.stage.name: p.key for p in plan(_compose(*base, "student.num_attention_heads=2", "distill.temperature=2"))}
-    no_vr = {p.stage.name: p.key for p in plan(_compose(*base, "student.num_attention_heads=2", "distill.weights.value_relation=0"))}
+        registered_stages()["general_distill"].check(compose_config(*base, "student.num_attention_heads=3"))
+    registered_stages()["general_distill"].check(compose_config(*base, "student.num_attention_heads=2"))  # the width is free: 24 != 32
+    keys = {p.stage.name: p.key for p in plan(compose_config(*base, "student.num_attention_heads=2"))}
+    hotter = {p.stage.name: p.key for p in plan(compose_config(*base, "student.num_attention_heads=2", "distill.temperature=2"))}
+    no_vr = {p.stage.name: p.key for p in plan(compose_config(*base, "student.num_attention_heads=2", "distill.weights.value_relation=0"))}
     assert hotter["general_distill"] == keys["general_distill"] and hotter["task_distill"] != keys["task_distill"]
     assert no_vr["general_distill"] != keys["general_distill"]
 
 
 def test_planning_a_minilm_run_imports_no_torch() -> None:
     code = (
-        "import sys; from tests.unit.test_config import _compose; from kdrun.pipeline import plan; "
-        "plan(_compose('experiment=minilm_sst2', 'device=cpu', 'device.precision=fp32')); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+        "import sys; from tests.unit.composing import compose_config; from kdrun.pipeline import plan; "
+        "plan(compose_config('experiment=minilm_sst2', 'device=cpu', 'device.precision=fp32')); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -135,7 +135,7 @@ def test_minilm_general_and_task_distillation_end_to_end(tiny_bert_dir: Path, gl
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"The film number {i} was a good one and people liked it a lot." for i in range(60)) + "\n")
-    cfg = _compose(
+    cfg = compose_config(
         "experiment=minilm_sst2", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
         f"data.corpus={corpus}", "student.num_hidden_layers=2", "student.hidden_size=24", "student.intermediate_size=48",
         "student.num_attention_heads=2", "pipeline.stages=[finetune_teacher,general_distill,teacher_logits,task_distill,evaluate]",

@@ -9,25 +9,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 from kdrun import precision as precision_module
-from kdrun.config import DeviceConfig, TrainConfig, config_dir, register_configs
+from kdrun.config import DeviceConfig, TrainConfig, config_dir
 from kdrun.distill.losses import attention_mse, hidden_mse, logit_mse, soft_cross_entropy
 from kdrun.pipeline import PipelineError, plan
 from kdrun.precision import Precision, PrecisionError, cpu_native_bf16, resolve_precision
 from kdrun.train import TrainingJob, train
+from composing import compose_config
 
 CONF_DIR = config_dir()
 NATIVE_BF16, BF16_FEATURE = cpu_native_bf16()
 needs_native_bf16 = pytest.mark.skipif(not NATIVE_BF16, reason=f"this CPU has {BF16_FEATURE}: no native bf16")
 
 
-def _compose(*overrides: str) -> DictConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.fixture
@@ -61,7 +56,7 @@ def test_fp16_on_a_cpu_and_unknown_names_are_refused() -> None:
 
 def test_fp16_on_a_cpu_fails_when_planning_before_any_work() -> None:
     with pytest.raises(PipelineError, match="fp16 runs only on CUDA"):
-        plan(_compose("experiment=teacher_sst2", "device=cpu", "device.precision=fp16"))
+        plan(compose_config("experiment=teacher_sst2", "device=cpu", "device.precision=fp16"))
 
 
 @needs_native_bf16
@@ -72,9 +67,9 @@ def test_this_machine_resolves_auto_to_bf16() -> None:
 def test_the_resolved_precision_is_part_of_the_keys_of_stages_that_compute_in_it(cpu_bf16) -> None:
     cpu_bf16(True)
     experiment = ("experiment=qbert_sst2", "quantize=qbert_mp", "device=cpu")
-    auto = {s.stage.name: s for s in plan(_compose(*experiment))}
-    bf16 = {s.stage.name: s for s in plan(_compose(*experiment, "device.precision=bf16"))}
-    fp32 = {s.stage.name: s for s in plan(_compose(*experiment, "device.precision=fp32"))}
+    auto = {s.stage.name: s for s in plan(compose_config(*experiment))}
+    bf16 = {s.stage.name: s for s in plan(compose_config(*experiment, "device.precision=bf16"))}
+    fp32 = {s.stage.name: s for s in plan(compose_config(*experiment, "device.precision=fp32"))}
     # auto means bf16 here, so it is the very same artefact: same key, and the key names bf16, never auto.
     assert {n: s.key for n, s in auto.items()} == {n: s.key for n, s in bf16.items()}
     assert auto["finetune_teacher"].slice["device.precision"] == "bf16"
@@ -85,9 +80,9 @@ def test_the_resolved_precision_is_part_of_the_keys_of_stages_that_compute_in_it
     assert "device.precision" not in fp32["sensitivity"].slice and "device.precision" not in fp32["quantize"].slice
     assert fp32["sensitivity"].slice == bf16["sensitivity"].slice
     # Tang's augmentation uses no model, TinyBERT's masked LM does.
-    tang = [{s.stage.name: s for s in plan(_compose("experiment=bilstm_sst2", f"device.precision={p}"))}["augment"] for p in ("fp32", "bf16")]
+    tang = [{s.stage.name: s for s in plan(compose_config("experiment=bilstm_sst2", f"device.precision={p}"))}["augment"] for p in ("fp32", "bf16")]
     assert tang[0].key == tang[1].key and "device.precision" not in tang[0].slice
-    tinybert = [{s.stage.name: s for s in plan(_compose("experiment=tinybert_sst2", f"device.precision={p}"))} for p in ("fp32", "bf16")]
+    tinybert = [{s.stage.name: s for s in plan(compose_config("experiment=tinybert_sst2", f"device.precision={p}"))} for p in ("fp32", "bf16")]
     assert tinybert[0]["augment"].slice["device.precision"] == "fp32" and tinybert[0]["augment"].key != tinybert[1]["augment"].key
 
 

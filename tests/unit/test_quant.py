@@ -332,14 +332,14 @@ def test_every_qbert_ablation_row_runs_end_to_end(tiny_bert_dir, glue_dir, tmp_p
     """Table 1 and the group ablation row by row at scale=smoke, in one process and one cache (as the sweeps run them)."""
     from kdrun.pipeline import run_pipeline
 
-    from test_config import _compose
+    from composing import compose_config
 
     common = ("experiment=qbert_sst2", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
               "evaluate.measure_latency=false", "evaluate.formats=[fp32]", f"cache.dir={tmp_path / 'cache'}")
     outputs = {}
     for row in QBERT_ROWS:
         (tmp_path / row).mkdir()
-        outputs[row] = run_pipeline(_compose(*common, f"ablation={row}"), tmp_path / row)
+        outputs[row] = run_pipeline(compose_config(*common, f"ablation={row}"), tmp_path / row)
         assert set(outputs[row]["evaluate"].summary["dev"]) == {"accuracy"}, row
     assert len({out["finetune_teacher"].key for out in outputs.values()}) == 1
     plans = {row: out["quantize"].summary.get("plan") for row, out in outputs.items()}

@@ -11,6 +11,7 @@ The CLI-level ``kill -9`` across an epoch boundary is in test_end_to_end.py.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -218,13 +219,19 @@ STAGE_KILLS = [  # (stage, loop, fault point, step)
 ]
 
 
-def _stage_config(tiny_bert_dir: Path, glue_dir: Path, corpus: Path, cache: Path):
-    from test_config import _compose
+STAGE_LIST = ("finetune_teacher", "general_distill", "teacher_logits", "task_distill")
+# What a re-run after a kill in each stage runs: the killed stage and, as cache hits copied from the reference
+# run, the stages it reads (their keys do not depend on the stage list).
+RUNS_WITH = {"finetune_teacher": ("finetune_teacher",), "general_distill": ("general_distill",), "task_distill": STAGE_LIST}
+
+
+def _stage_config(tiny_bert_dir: Path, glue_dir: Path, corpus: Path, cache: Path, stages: tuple[str, ...] = STAGE_LIST):
+    from composing import compose_config
     from test_tinybert import TINY_STUDENT
 
-    return _compose(
+    return compose_config(
         "experiment=tinybert_sst2", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
-        f"data.corpus={corpus}", *TINY_STUDENT, "augment=none", "pipeline.stages=[finetune_teacher,general_distill,teacher_logits,task_distill]",
+        f"data.corpus={corpus}", *TINY_STUDENT, "augment=none", f"pipeline.stages=[{','.join(stages)}]",
         *STAGE_SCHEDULE, f"cache.dir={cache}",
     )
 
@@ -254,14 +261,21 @@ def test_a_stage_killed_in_a_later_epoch_publishes_what_an_uninterrupted_run_doe
     from kdrun.pipeline import run_pipeline
 
     corpus, reference = stage_reference
-    cfg = _stage_config(tiny_bert_dir, glue_dir, corpus, tmp_path / "cache")
+    stages = RUNS_WITH[stage]
+    for upstream in stages[: stages.index(stage)]:  # the reference run's entries: this run computes the killed stage only
+        entry = reference[upstream].path
+        shutil.copytree(entry, tmp_path / "cache" / entry.parent.name / entry.name)
+    cfg = _stage_config(tiny_bert_dir, glue_dir, corpus, tmp_path / "cache", stages)
     _kill_at(monkeypatch, point, step, loop)
     with pytest.raises(_SimulatedKill):
         run_pipeline(cfg, tmp_path / "killed")
     monkeypatch.undo()
     outputs = run_pipeline(cfg, tmp_path / "rerun")
     assert outputs[stage].cache == "resumed"
+    assert all(outputs[name].cache == "hit" for name in stages if name != stage)
     for name in ("finetune_teacher", "general_distill", "task_distill"):
+        if name not in stages:
+            continue
         assert outputs[name].key == reference[name].key
         resumed, expected = _published_weights(outputs[name]), _published_weights(reference[name])
         assert resumed.keys() == expected.keys()

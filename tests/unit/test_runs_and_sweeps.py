@@ -11,15 +11,15 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kdrun.cli import RUN_ID_RESOLVER, config_dir, run_id
+from kdrun.cli import RUN_ID_RESOLVER, run_id
 from kdrun.report import build_table, load_runs, write_report
 from kdrun.report.callback import SweepReport
 from kdrun.report.runs import failed_jobs, sweep_jobs
 from kdrun.report.tables import FAILED_NOTE, _pareto_points, to_latex
 from kdrun.results import ResultsConflict, build_failure, check_results_dir, run_identity, write_results
+from composing import compose_config
 
 RUN_ID = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}_[a-z2-7]{6}$")
 TINY_RUN = ("scale=smoke", "device=cpu", "device.threads=1", "evaluate.measure_latency=false")
@@ -34,9 +34,6 @@ def fresh_run_id():
     run_id.cache_clear()
 
 
-def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
 
 
 # --- run ids and directories --------------------------------------------------------------------------------
@@ -45,10 +42,10 @@ def _compose(*overrides: str):
 def test_run_id_is_stable_in_a_process_and_names_run_and_sweep_dirs(fresh_run_id) -> None:
     first = fresh_run_id()
     assert RUN_ID.match(first) and fresh_run_id() == first
-    cfg = _compose("experiment=teacher_mrpc")
+    cfg = compose_config("experiment=teacher_mrpc", hydra=True)
     assert cfg.hydra.run.dir == f"outputs/runs/teacher_mrpc/{first}"
     assert cfg.hydra.sweep.dir == f"outputs/multirun/teacher_mrpc/{first}"
-    assert _compose("experiment=teacher_mrpc").hydra.run.dir == cfg.hydra.run.dir  # one launch, one name
+    assert compose_config("experiment=teacher_mrpc", hydra=True).hydra.run.dir == cfg.hydra.run.dir  # one launch, one name
 
 
 def test_run_ids_differ_even_at_the_same_instant(fresh_run_id, monkeypatch) -> None:
@@ -65,8 +62,8 @@ def test_run_ids_differ_even_at_the_same_instant(fresh_run_id, monkeypatch) -> N
 
 
 def test_the_jobs_of_a_sweep_over_experiments_share_its_directory(fresh_run_id) -> None:
-    sweep = _compose()  # the sweep's own config: `experiment=a,b` is not applied to it
-    job = _compose("experiment=teacher_sst2")
+    sweep = compose_config(hydra=True)  # the sweep's own config: `experiment=a,b` is not applied to it
+    job = compose_config("experiment=teacher_sst2", hydra=True)
     sweep_dir = sweep.hydra.sweep.dir
     OmegaConf.copy_cache(from_config=sweep, to_config=job)  # what Hydra does for every job (load_sweep_config)
     assert job.hydra.sweep.dir == sweep_dir == f"outputs/multirun/default/{fresh_run_id()}"
@@ -107,7 +104,7 @@ def test_results_are_written_atomically_and_never_replace_another_runs(tmp_path:
 
 
 def test_a_failure_record_identifies_its_cell() -> None:
-    cfg = _compose("experiment=teacher_mrpc", "ablation=none")
+    cfg = compose_config("experiment=teacher_mrpc", "ablation=none", hydra=True)
     overrides = ["experiment=teacher_mrpc"]
     record = build_failure(cfg, overrides, "run-x#1", FileNotFoundError("no MRPC here"), user_error=False)
     assert record == {**run_identity(cfg, overrides, "run-x#1"), "status": "failed", "error": "FileNotFoundError: no MRPC here",
@@ -126,7 +123,7 @@ def job(tmp_path: Path, monkeypatch):
     import kdrun.cli
 
     def run(mode: str, error: BaseException):
-        cfg = _compose("experiment=teacher_mrpc", f"hydra.mode={mode}")
+        cfg = compose_config("experiment=teacher_mrpc", f"hydra.mode={mode}", hydra=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(tmp_path / "job")
             cfg.hydra.job.num = 3

@@ -14,7 +14,8 @@ from kdrun.contract import MODEL_INPUT, Lazy, Stage, StageOutput, UndeclaredRead
 from kdrun.methods import method_named, methods
 from kdrun.pipeline import _run_stage, registered_stages
 
-from test_config import CONF, _compose
+from composing import compose_config
+from test_config import CONF
 
 PACKAGE = Path(__file__).resolve().parents[2] / "kdrun"
 
@@ -68,25 +69,25 @@ def test_every_method_has_its_node_and_group_file() -> None:
         assert issubclass(method.config, DistillConfig) and method.config().name == name
         assert (CONF / "distill" / f"{name}.yaml").is_file()
         assert set(method.general_reads) | set(method.task_reads) <= set(OmegaConf.structured(method.config)), name
-        cfg = _compose(f"distill={name}")
+        cfg = compose_config(f"distill={name}")
         assert OmegaConf.get_type(cfg.distill) is method.config
 
 
 def test_a_method_node_holds_only_its_own_settings() -> None:
     """distilbert.yaml no longer zeroes TinyBERT's weights: they are not in its node at all."""
-    assert set(_compose("distill=distilbert").distill.weights) == {"ce", "mlm", "cos"}
-    assert set(_compose("distill=tinybert").distill.weights) == {"embedding", "attention", "hidden"}
+    assert set(compose_config("distill=distilbert").distill.weights) == {"ce", "mlm", "cos"}
+    assert set(compose_config("distill=tinybert").distill.weights) == {"embedding", "attention", "hidden"}
     with pytest.raises(Exception, match="attention"):
-        _compose("distill=distilbert", "distill.weights.attention=0")
+        compose_config("distill=distilbert", "distill.weights.attention=0")
     with pytest.raises(Exception, match="glove"):
-        _compose("student=tinybert4", "student.glove=x")
+        compose_config("student=tinybert4", "student.glove=x")
 
 
 def test_task_only_settings_do_not_change_the_general_student_key() -> None:
     from kdrun.pipeline import plan
 
     def keys(*overrides: str) -> dict[str, str]:
-        return {p.stage.name: p.key for p in plan(_compose("experiment=tinybert_sst2", "device=cpu", *overrides))}
+        return {p.stage.name: p.key for p in plan(compose_config("experiment=tinybert_sst2", "device=cpu", *overrides))}
 
     base = keys()
     for override in ("distill.weights.hidden=0", "distill.temperature=3", "distill.prediction_target=labels"):
@@ -97,7 +98,7 @@ def test_task_only_settings_do_not_change_the_general_student_key() -> None:
 
 
 def test_a_stage_sees_only_what_it_declares() -> None:
-    cfg = _compose("experiment=tinybert_sst2", "teacher.path=/somewhere")
+    cfg = compose_config("experiment=tinybert_sst2", "teacher.path=/somewhere")
     stage = Stage(name="demo", run=lambda ctx: {"lr": ctx.cfg.task_distill.intermediate.train.learning_rate,
                                                 "teacher": ctx.cfg.teacher.path, "precision": ctx.cfg.device.precision},
                   reads=("task_distill",), sources=("teacher",))
@@ -115,13 +116,13 @@ def test_a_stage_sees_only_what_it_declares() -> None:
 def test_model_consumers_name_their_model_input() -> None:
     from kdrun.pipeline import plan
 
-    planned = {p.stage.name: p for p in plan(_compose("experiment=qbert_sst2", "quantize=qbert_mp", "device=cpu"))}
+    planned = {p.stage.name: p for p in plan(compose_config("experiment=qbert_sst2", "quantize=qbert_mp", "device=cpu"))}
     assert planned["quantize"].model_from == "finetune_teacher" and planned["quantize"].inputs == ["sensitivity", "finetune_teacher"]
     assert planned["evaluate"].model_from == "quantize"
     seen = {}
     stage = Stage(name="consumer", run=lambda ctx: seen.update(model=ctx.model_input, dir=ctx.model_dir()) or {}, consumes_model=True)
     output = StageOutput("quantize", "k", Path("/cache/quantize/k"), {"model_dir": "model"}, "hit")
-    _run_stage(stage, stage_view(_compose(), stage), {MODEL_INPUT: output}, Path("."))
+    _run_stage(stage, stage_view(compose_config(), stage), {MODEL_INPUT: output}, Path("."))
     assert seen == {"model": output, "dir": Path("/cache/quantize/k/model")}
 
 
@@ -129,6 +130,6 @@ def test_methods_refuse_students_they_cannot_train() -> None:
     from kdrun.pipeline import PipelineError
 
     with pytest.raises(PipelineError, match="distill=minilm trains a student of kind bert, not student=bilstm"):
-        method_named("minilm").check(_compose("experiment=minilm_sst2", "student=bilstm"), "task_distill")
+        method_named("minilm").check(compose_config("experiment=minilm_sst2", "student=bilstm"), "task_distill")
     with pytest.raises(PipelineError, match="distill=bilstm has no general distillation"):
-        method_named("bilstm").check(_compose("experiment=bilstm_sst2"), "general_distill")
+        method_named("bilstm").check(compose_config("experiment=bilstm_sst2"), "general_distill")

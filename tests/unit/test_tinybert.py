@@ -14,7 +14,7 @@ from kdrun.distill.losses import WidthProjections
 from kdrun.distill.teacher_logits import TeacherLogits
 from kdrun.models.students import new_general_student, student_bert_config
 
-from test_config import _compose
+from composing import compose_config
 
 TINY_STUDENT = (
     "student.num_hidden_layers=2",
@@ -26,7 +26,7 @@ TINY_STUDENT = (
 
 def test_tinybert4_has_the_papers_parameter_count() -> None:
     bert_base = BertConfig()  # vocab 30522, 512 positions, hidden 768
-    student_cfg = _compose("student=tinybert4").student
+    student_cfg = compose_config("student=tinybert4").student
     student = new_general_student(student_cfg, bert_base)
     assert (student.config.num_hidden_layers, student.config.hidden_size, student.config.intermediate_size) == (4, 312, 1200)
     embeddings = 30522 * 312 + 512 * 312 + 2 * 312 + 2 * 312
@@ -155,7 +155,7 @@ def test_table3_rows_remove_their_term_from_general_distillation_too() -> None:
 
     keys, weights = {}, {}
     for row in ("none", "no_pred", "no_embd", "no_attn", "no_hidn", "no_trm"):
-        cfg = _compose("experiment=tinybert_mrpc", f"ablation={row}")
+        cfg = compose_config("experiment=tinybert_mrpc", f"ablation={row}")
         keys[row] = {p.stage.name: p.key for p in plan(cfg)}["general_distill"]
         weights[row] = {k: cfg.distill.general_weights[k] for k in ("embedding", "attention", "hidden")}
     assert keys["none"] == keys["no_pred"]
@@ -176,7 +176,7 @@ def test_a_student_as_wide_as_its_teacher_still_learns_fit_dense() -> None:
 
     teacher = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64)
     student = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    distill = _compose("distill=tinybert").distill
+    distill = compose_config("distill=tinybert").distill
     projections = method_named("tinybert").layer_objective(distill, student, teacher, "task_distill").projections
     assert not projections.is_identity and projections.fit_dense.weight.shape == (32, 32)
 
@@ -184,19 +184,19 @@ def test_a_student_as_wide_as_its_teacher_still_learns_fit_dense() -> None:
 def test_ablations_compose_into_the_right_pipelines() -> None:
     from kdrun.pipeline import plan
 
-    no_gd = _compose("experiment=tinybert_sst2", "ablation=no_gd")
+    no_gd = compose_config("experiment=tinybert_sst2", "ablation=no_gd")
     assert list(no_gd.pipeline.stages) == ["finetune_teacher", "fit_mlm_head", "augment", "teacher_logits", "task_distill", "evaluate"]
     # No task distillation: the fine-tuned teacher and its logits are not needed and are not computed.
-    assert [p.stage.name for p in plan(_compose("experiment=tinybert_sst2", "ablation=no_td"))] == [
+    assert [p.stage.name for p in plan(compose_config("experiment=tinybert_sst2", "ablation=no_td"))] == [
         "general_distill", "fit_mlm_head", "augment", "task_distill", "evaluate",
     ]
-    assert _compose("experiment=tinybert_sst2", "augment=tang", "ablation=no_da").augment.name == "none"
-    no_td = _compose("experiment=tinybert_sst2", "ablation=no_td")
+    assert compose_config("experiment=tinybert_sst2", "augment=tang", "ablation=no_da").augment.name == "none"
+    no_td = compose_config("experiment=tinybert_sst2", "ablation=no_td")
     assert no_td.task_distill.intermediate.enabled is False and no_td.distill.prediction_target == "labels"
-    no_trm = _compose("experiment=tinybert_sst2", "ablation=no_trm").distill.weights
+    no_trm = compose_config("experiment=tinybert_sst2", "ablation=no_trm").distill.weights
     assert (no_trm.embedding, no_trm.attention, no_trm.hidden) == (1.0, 0.0, 0.0)
-    assert _compose("experiment=tinybert_sst2", "ablation=map_top").distill.mapping.kind == "top"
-    assert _compose("experiment=tinybert_sst2", "ablation=no_embd").ablation == "no_embd"
+    assert compose_config("experiment=tinybert_sst2", "ablation=map_top").distill.mapping.kind == "top"
+    assert compose_config("experiment=tinybert_sst2", "ablation=no_embd").ablation == "no_embd"
 
 
 def test_impossible_distillation_settings_fail_before_training(run_kdrun, tiny_bert_dir, glue_dir, tmp_path) -> None:
@@ -282,12 +282,12 @@ def test_stsb_prediction_step_fits_the_gold_scores_as_the_official_code_does() -
     def _prediction_settings(cfg):
         return method_of(cfg).prediction_settings(cfg.distill, cfg.task.name == "stsb")
 
-    assert _prediction_settings(_compose("experiment=tinybert_stsb")).hard_weight == 1.0
-    assert _prediction_settings(_compose("experiment=tinybert_sst2")).hard_weight == 0.0
-    assert _prediction_settings(_compose("experiment=bilstm_stsb")).hard_weight == 0.0
-    assert _prediction_settings(_compose("experiment=tinybert_stsb", "distill.regression_target=teacher")).hard_weight == 0.0
+    assert _prediction_settings(compose_config("experiment=tinybert_stsb")).hard_weight == 1.0
+    assert _prediction_settings(compose_config("experiment=tinybert_sst2")).hard_weight == 0.0
+    assert _prediction_settings(compose_config("experiment=bilstm_stsb")).hard_weight == 0.0
+    assert _prediction_settings(compose_config("experiment=tinybert_stsb", "distill.regression_target=teacher")).hard_weight == 0.0
     with pytest.raises(PipelineError, match="distill.regression_target must be one of"):
-        check(_compose("experiment=tinybert_stsb", "distill.regression_target=gold"))
+        check(compose_config("experiment=tinybert_stsb", "distill.regression_target=gold"))
 
 
 TINYBERT_ROWS = ("none", "no_embd", "no_pred", "no_trm", "no_attn", "no_hidn", "map_top", "map_bottom", "no_gd", "no_td", "no_da")
@@ -302,7 +302,7 @@ def test_every_tinybert_ablation_row_runs_end_to_end(tiny_bert_dir, glue_dir, tm
     corpus.write_text("\n\n".join(f"The film number {i} was a good one and people liked it a lot." for i in range(60)) + "\n")
     scores = {}
     for row in TINYBERT_ROWS:
-        cfg = _compose(
+        cfg = compose_config(
             "experiment=tinybert_mrpc", "scale=smoke", "device=cpu", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={glue_dir}",
             f"data.corpus={corpus}", *TINY_STUDENT, "evaluate.measure_latency=false", "evaluate.formats=[fp32]",
             "augment.n_iter=2", f"cache.dir={tmp_path / 'cache'}", f"ablation={row}",

