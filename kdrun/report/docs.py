@@ -8,7 +8,10 @@ It reads, under ``docs/measurements``:
   runs table (its command rebuilt from its overrides) and, when it has one, a deployment table; an optional
   ``runs/<name>/note.md`` (one line) says what the record shows or under which conditions it was measured;
 - ``resume_matrix.json``: the kill/resume matrix of ``scripts/resume_matrix.py``;
-- ``bench_*.json``: what the benchmarks printed, one table per file.
+- ``bench_*.json``: what the benchmarks printed, one table per file;
+- ``tables/<name>/summary.md``: a table over several runs (seeds as mean ± std), written by
+  ``python -m kdrun.report <run or sweep dirs> --out docs/measurements/tables/<name>``, with an optional
+  ``note.md`` (the commands, wall times and conditions).
 
 Add a run with ``python -m kdrun.report.docs --add outputs/runs/<experiment>/<id> --name <name>`` (copies its
 results.json), then render again. Rendering is deterministic: the same records give the same page.
@@ -27,6 +30,7 @@ from kdrun.results import RESULTS_FILE
 
 RUNS_DIR = "runs"
 RESUME_MATRIX = "resume_matrix.json"
+TABLES_DIR = "tables"
 LATENCY_PREFIX = "latency_ms_bs"
 
 
@@ -163,6 +167,18 @@ def bench_section(measurements: Path) -> list[str]:
     return (["## Benchmarks", ""] + lines) if lines else []
 
 
+def tables_section(measurements: Path) -> list[str]:
+    """Each stored table over runs (``tables/<name>/summary.md``), its note first."""
+    lines: list[str] = []
+    for summary in sorted((measurements / TABLES_DIR).glob("*/summary.md")):
+        note = summary.parent / "note.md"
+        lines += [f"### {summary.parent.name}", ""]
+        lines += [note.read_text().strip(), ""] if note.is_file() else []
+        body = summary.read_text().strip().splitlines()
+        lines += [line for line in body if not line.startswith("# ")] + [""]  # its own title is the heading above
+    return (["## Tables over seeds", ""] + lines) if lines else []
+
+
 def render(measurements: Path) -> str:
     records = load_records(measurements)
     parts = [
@@ -172,6 +188,7 @@ def render(measurements: Path) -> str:
         "",
     ]
     parts += runs_section(records) if records else []
+    parts += tables_section(measurements)
     parts += deployment_section(records)
     parts += resume_section(measurements)
     parts += bench_section(measurements)

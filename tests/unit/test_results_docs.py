@@ -59,3 +59,14 @@ def test_adding_a_directory_without_results_is_an_error(tmp_path: Path) -> None:
 def test_a_records_note_is_its_last_column(measurements: Path) -> None:
     (measurements / "runs" / "teacher_sst2_cpu" / "note.md").write_text("Measured beside\nanother job.\n")
     assert "| finetune_teacher 6.5, evaluate 0.5 | Measured beside another job. |" in render(measurements)
+
+
+def test_a_stored_table_over_seeds_is_a_section_with_its_note(measurements: Path) -> None:
+    table = measurements / "tables" / "tang1_sst2"
+    table.mkdir(parents=True)
+    (table / "summary.md").write_text("# accuracy by recipe\n\n| recipe | sst2 |\n|---|---|\n| bilstm | 85.10 ± 0.30 (n=3) |\n")
+    (table / "note.md").write_text("`kdrun -m experiment=bilstm_sst2 seed=1,2,3`, 21 min.\n")
+    page = render(measurements)
+    section = page[page.index("## Tables over seeds"):]
+    assert section.index("### tang1_sst2") < section.index("21 min.") < section.index("| bilstm | 85.10 ± 0.30 (n=3) |")
+    assert "# accuracy by recipe" not in page and page.index("## Runs") < page.index("## Tables over seeds") < page.index("## Deployment")
