@@ -71,3 +71,26 @@ def test_planned_steps() -> None:
     assert planned_steps(101, TrainConfig(epochs=1, grad_accum_steps=4)) == (26, 26)
     assert planned_steps(100, TrainConfig(epochs=3, max_steps=120)) == (100, 120)
     assert planned_steps(100, TrainConfig(epochs=0.5)) == (100, 50)
+
+
+def test_tokenised_rows_are_fingerprinted_by_what_the_encoding_depends_on(tiny_bert_dir) -> None:
+    """The tokenised dataset's fingerprint (datasets' cache key) follows the rows, the tokenizer's definition
+    and the length, not what the tokenizer's last call left set, and the rows are what the tokenizer gives."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from kdrun.data.batching import tokenize_examples
+
+    rows = datasets.Dataset.from_dict({"id": [0, 1], "text_a": ["a good film", "a bad one"], "text_b": ["", ""], "label": [1, 0]})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    first = tokenize_examples(rows, tokenizer, 8)
+    tokenizer(["something else entirely"], truncation=True, max_length=3)  # leaves other truncation set
+    assert tokenize_examples(rows, tokenizer, 8)._fingerprint == first._fingerprint
+    assert tokenize_examples(rows, tokenizer, 4)._fingerprint != first._fingerprint
+    other_rows = rows.map(lambda row: {"text_a": row["text_a"].upper()})
+    assert tokenize_examples(other_rows, tokenizer, 8)._fingerprint != first._fingerprint
+    other = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    other.add_tokens(["filmmaking"])
+    assert tokenize_examples(rows, other, 8)._fingerprint != first._fingerprint
+    assert first["input_ids"] == tokenizer(["a good film", "a bad one"], truncation=True, max_length=8)["input_ids"]
+    assert first["length"] == [len(ids) for ids in first["input_ids"]]

@@ -146,7 +146,7 @@ def test_cached_teacher_logits_follow_shuffled_ids(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ recipe
 
 
-def test_bilstm_experimentscompose_config() -> None:
+def test_bilstm_experiments_compose() -> None:
     cfg = compose_config("experiment=bilstm_sst2")
     assert (cfg.student.kind, cfg.distill.prediction_loss, cfg.distill.weights.hard, cfg.augment.name) == ("bilstm", "mse", 0.0, "tang")
     assert [p.stage.name for p in plan(cfg)] == ["finetune_teacher", "augment", "teacher_logits", "task_distill", "evaluate"]

@@ -141,7 +141,7 @@ def test_a_teacher_without_mlm_head_gives_a_student_with_a_new_head() -> None:
 # ------------------------------------------------------------------------------ config
 
 
-def test_distilbert_experiments_and_table_4_ablationscompose_config() -> None:
+def test_distilbert_experiments_and_table_4_ablations_compose() -> None:
     cfg = compose_config("experiment=distilbert_sst2")
     assert (cfg.student.kind, cfg.distill.name, cfg.task_distill.intermediate.enabled) == ("distilbert", "distilbert", False)
     assert (cfg.distill.weights.ce, cfg.distill.weights.mlm, cfg.distill.weights.cos, cfg.distill.temperature) == (5.0, 2.0, 1.0, 2.0)
