@@ -124,6 +124,14 @@ def frozen_teacher(teacher: nn.Module, device_cfg: Any) -> nn.Module:
     return teacher.to(get_accelerator(device_cfg).device).eval().requires_grad_(False)
 
 
+def student_saver(tokenizer: Any) -> Callable[[StudentWithProjections, Path], None]:
+    """A training job's ``save_model`` for a :class:`StudentWithProjections`: the student with its tokenizer,
+    and the learnt projections beside it (general distillation's output, task distillation's steps)."""
+    from kdrun.models.loading import model_saver
+
+    return model_saver(tokenizer, lambda wrapper: wrapper.student, also=lambda wrapper, directory: wrapper.save_projections(directory))
+
+
 def layer_general_setup(method: Method, cfg: DictConfig) -> GeneralSetup:
     """A randomly initialised BERT student learning ``method``'s layer objective from the pre-trained
     (not fine-tuned) teacher on packed corpus sequences. Its output, ``model/``, is a ``save_pretrained``
@@ -131,7 +139,7 @@ def layer_general_setup(method: Method, cfg: DictConfig) -> GeneralSetup:
     from transformers import AutoModel
 
     from kdrun.data.batching import PaddingCollator
-    from kdrun.models.loading import load_tokenizer, model_saver, resolve_model_path
+    from kdrun.models.loading import load_tokenizer, resolve_model_path
     from kdrun.models.students import new_general_student
 
     tokenizer = load_tokenizer(cfg.teacher.path, cfg.teacher.revision)
@@ -145,7 +153,7 @@ def layer_general_setup(method: Method, cfg: DictConfig) -> GeneralSetup:
         tokenizer=tokenizer,
         collate=PaddingCollator(tokenizer),
         compute_loss=layer_loss(teacher, objective, is_regression=False),
-        save_model=model_saver(tokenizer, lambda model: model.student, also=lambda model, directory: model.save_projections(directory)),
+        save_model=student_saver(tokenizer),
         parameters=sum(p.numel() for p in student.parameters()),
     )
 

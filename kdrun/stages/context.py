@@ -8,9 +8,11 @@ is the code of its own job only.
 
 - :class:`StageContext`: the stage's name, its view of the config (``kdrun.contract.stage_view``: only
   what its key hashes), its named inputs and its output directory; the task's rows (train, dev, test,
-  the rows task distillation trains on); :meth:`StageContext.user_errors`.
+  the rows task distillation trains on).
 - :class:`TaskText`: the task's rows through one tokenizer (``ctx.text(tokenizer)``): tokenised splits,
-  the collator, and the ``evaluate`` and ``save_model`` callables a :class:`~kdrun.train.TrainingJob` takes.
+  the collator, and the ``evaluate`` callable a :class:`~kdrun.train.TrainingJob` takes (its ``save_model``
+  is :func:`kdrun.models.loading.model_saver`, or :func:`kdrun.distill.layers.student_saver` for a student
+  with projections).
 - :func:`task_of` and :func:`check_data_available`: for a stage's ``check``, which runs before any
   compute and gets the config alone.
 """
@@ -18,7 +20,6 @@ is the code of its own job only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -30,12 +31,11 @@ from omegaconf import DictConfig
 from transformers import PreTrainedTokenizerBase
 
 from kdrun.augment.shards import load_augmented
-from kdrun.contract import MODEL_INPUT, StageOutput, user_errors
+from kdrun.contract import MODEL_INPUT, StageOutput
 from kdrun.data.batching import PaddingCollator, tokenize_examples
 from kdrun.data.glue import load_glue_split, sample_examples
 from kdrun.data.tasks import TaskSpec, get_task
 from kdrun.metrics import Evaluation
-from kdrun.models.loading import model_saver
 from kdrun.precision import Precision
 from kdrun.predict import score_dev_sets
 
@@ -71,6 +71,7 @@ class StageContext:
     cfg: DictConfig
     inputs: dict[str, StageOutput] = field(default_factory=dict)
     out_dir: Path = Path(".")
+    _dev_examples: dict[str, datasets.Dataset] | None = field(default=None, init=False, repr=False)
 
     @cached_property
     def task(self) -> TaskSpec:
@@ -86,11 +87,6 @@ class StageContext:
         source = self.inputs[name]
         return source.path / source.summary.get("model_dir", "model")
 
-    def user_errors(self, *kinds: type[Exception]) -> AbstractContextManager[None]:
-        """Settings a library rejects (``ValueError`` unless ``kinds`` say otherwise) become one
-        :class:`PipelineError` line that names this stage, instead of a traceback."""
-        return user_errors(self.name, *kinds)
-
     # ------------------------------------------------------------------ the task's rows
 
     def train_examples(self) -> datasets.Dataset:
@@ -98,11 +94,13 @@ class StageContext:
         return sample_examples(examples, self.cfg.data.max_train_examples, self.cfg.data.sample_seed)
 
     def dev_examples(self) -> dict[str, datasets.Dataset]:
-        """Each dev split of the task (MNLI has matched and mismatched), sampled for CPU scale."""
-        return {
-            split: sample_examples(load_glue_split(self.task, split, self.cfg.data.glue_dir), self.cfg.data.max_eval_examples, self.cfg.data.sample_seed)
-            for split in self.task.eval_splits
-        }
+        """Each dev split of the task (MNLI has matched and mismatched), sampled for CPU scale; read once."""
+        if self._dev_examples is None:
+            self._dev_examples = {
+                split: sample_examples(load_glue_split(self.task, split, self.cfg.data.glue_dir), self.cfg.data.max_eval_examples, self.cfg.data.sample_seed)
+                for split in self.task.eval_splits
+            }
+        return self._dev_examples
 
     def test_examples(self) -> dict[str, datasets.Dataset]:
         return {split: load_glue_split(self.task, split, self.cfg.data.glue_dir) for split in self.task.test_splits}
@@ -150,9 +148,3 @@ class TaskText:
         """A training job's ``evaluate``: the dev metrics of ``model_of(trained module)`` (the student
         inside a wrapper that also holds projections or a frozen encoder)."""
         return lambda module: self.score(model_of(module), batch_size)
-
-    def saver(
-        self, model_of: Callable[[Any], Any] = _itself, also: Callable[[Any, Path], None] | None = None
-    ) -> Callable[[Any, Path], None]:
-        """A training job's ``save_model``: ``model_of(module).save_pretrained`` with this tokenizer, then ``also``."""
-        return model_saver(self.tokenizer, model_of, also)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from kdrun.models.loading import check_tokenizer_matches, classification_config, load_for_sequence_classification, load_tokenizer
+from kdrun.models.loading import check_tokenizer_matches, classification_config, load_for_sequence_classification, load_tokenizer, model_saver
 from kdrun.predict import main_metric_key, model_inputs
 from kdrun.stages.context import StageContext, check_data_available, task_of
 from kdrun.train import TrainingJob, seed_everything, train
@@ -40,7 +40,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         train_features=train_set,
         collate=text.collate,
         compute_loss=compute_loss,
-        save_model=text.saver(),
+        save_model=model_saver(tokenizer),
         evaluate=text.evaluator(settings.train.eval_batch_size),
         best_metric=main_metric_key(task),
         keep_best=settings.keep_best,

@@ -40,7 +40,7 @@ from kdrun.quant.size import packed_size
 from kdrun.stages.context import StageContext
 from kdrun.quant.sensitivity import print_sensitivity_table, read_sensitivities
 from kdrun.train import TrainingJob, seed_everything, train
-from kdrun.models.loading import load_tokenizer
+from kdrun.models.loading import load_tokenizer, model_saver
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     plan = bit_plan(settings, len(encoder_layers(model)), sensitivities)
     text = ctx.text(tokenizer)
     collate = text.collate
-    save_model = text.saver(lambda wrapper: wrapper.student, also=lambda wrapper, directory: plan.save(directory))
+    save_model = model_saver(tokenizer, lambda wrapper: wrapper.student, also=lambda wrapper, directory: plan.save(directory))
     evaluate = text.evaluator(settings.train.eval_batch_size, lambda wrapper: wrapper.student)
 
     summary: dict[str, Any] = {"model_dir": "model", "quantized": True, "plan": plan.__dict__ | {"layer_bits": list(plan.layer_bits)}}

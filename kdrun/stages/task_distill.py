@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from kdrun.contract import PipelineError
-from kdrun.distill.layers import StudentWithProjections, layer_loss
+from kdrun.distill.layers import StudentWithProjections, layer_loss, student_saver
 from kdrun.distill.prediction import prediction_loss
 from kdrun.distill.teacher_logits import TeacherLogits
 from kdrun.methods import method_of
@@ -93,7 +93,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     text = ctx.text(tokenizer)
     train_set = text.features(train_examples)
     summary = {"model_dir": "model", "train_examples": len(train_set), **summary}
-    save_student = text.saver(lambda wrapper: wrapper.student, also=lambda wrapper, directory: wrapper.save_projections(directory))
+    save_student = student_saver(tokenizer)
 
     if cfg.task_distill.intermediate.enabled:
         objective = method.layer_objective(cfg.distill, student.config, teacher.config, "task_distill")

@@ -137,18 +137,16 @@ def test_methods_refuse_students_they_cannot_train() -> None:
 
 def test_a_rejected_setting_is_one_line_naming_the_stage_and_bugs_stay_tracebacks() -> None:
     from kdrun.contract import PipelineError, user_errors
-    from kdrun.stages.context import StageContext
 
-    ctx = StageContext("augment", compose_config())
     with pytest.raises(PipelineError, match=r"^augment: p_mask must be in \[0, 1\]$") as caught:
-        with ctx.user_errors():
+        with user_errors("augment"):
             raise ValueError("p_mask must be in [0, 1]")
     assert isinstance(caught.value.__cause__, ValueError)
     with pytest.raises(PipelineError, match="^put fit_mlm_head first$"):  # already a user error: unchanged
         with user_errors("augment"):
             raise PipelineError("put fit_mlm_head first")
     with pytest.raises(KeyError):  # not a settings error: a bug keeps its traceback
-        with ctx.user_errors():
+        with user_errors("augment"):
             raise KeyError("text_b")
     with pytest.raises(PipelineError, match="^export: no such file$"):
         with user_errors("export", FileNotFoundError):
