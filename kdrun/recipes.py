@@ -24,6 +24,9 @@ from omegaconf import DictConfig
 
 EXPERIMENT_GROUP = "experiment"
 TASK_GROUP = "task"
+# ``conf/budget/<scale>_<recipe>.yaml``: a recipe's budget at a scale where it differs from the scale's.
+# conf/config.yaml selects ``budget: ${scale}_${experiment}`` (optional), after the experiment.
+BUDGET_GROUP = "budget"
 NO_ABLATION = "none"
 
 
@@ -54,15 +57,21 @@ def register_aliases(conf_dir: Path) -> list[str]:
 
     An alias's defaults list is the recipe's file followed by ``override /task: <task>``: composing it is
     composing ``experiment=<recipe> task=<task>``, so a user's ``task=...`` on the command line still wins.
+    The recipe's budgets get the alias's name too (``budget/<scale>_<recipe>_<task>`` is
+    ``budget/<scale>_<recipe>``), since the budget is chosen by the experiment's name.
     """
     store = ConfigStore.instance()
     names = []
     tasks = task_names(conf_dir)
     for recipe in recipe_names(conf_dir):
+        budgets = sorted(path.stem for path in (conf_dir / BUDGET_GROUP).glob(f"*_{recipe}.yaml"))
         for task in tasks:
             name = alias(recipe, task)
             node = {"defaults": [f"/{EXPERIMENT_GROUP}/{recipe}", {f"override /{TASK_GROUP}": task}]}
             store.store(group=EXPERIMENT_GROUP, name=name, node=node, package="_global_")
+            for budget in budgets:
+                budget_node = {"defaults": [f"/{BUDGET_GROUP}/{budget}"]}
+                store.store(group=BUDGET_GROUP, name=alias(budget, task), node=budget_node, package="_global_")
             names.append(name)
     return names
 

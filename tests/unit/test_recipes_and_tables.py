@@ -49,6 +49,35 @@ def test_recipe_defaults_to_sst2() -> None:
     assert composed("experiment=tinybert").experiment_name == "tinybert_sst2"
 
 
+def test_every_budget_file_names_a_scale_and_a_recipe() -> None:
+    """``budget: ${scale}_${experiment}`` is optional, so a misspelt budget file would never apply, silently."""
+    scales = {path.stem for path in (CONF / "scale").glob("*.yaml")}
+    budgets = sorted(path.stem for path in (CONF / "budget").glob("*.yaml"))
+    assert budgets == ["cpu_bilstm", "cpu_distilbert"]
+    for budget in budgets:
+        scale, recipe = budget.split("_", 1)
+        assert scale in scales and recipe in recipe_names(CONF)
+
+
+@pytest.mark.parametrize("experiment", ["distilbert", "distilbert_sst2", "distilbert_mrpc"])
+def test_distilbert_keeps_its_own_general_distillation_budget_at_cpu_scale(experiment: str) -> None:
+    assert composed(f"experiment={experiment}").general_distill.max_sequences == 4000
+    assert composed(f"experiment={experiment}", "ablation=distil_no_ce").general_distill.max_sequences == 4000
+    # Only at scale=cpu, and the command line still wins.
+    assert composed(f"experiment={experiment}", "scale=paper").general_distill.max_sequences is None
+    assert composed(f"experiment={experiment}", "scale=smoke").general_distill.max_sequences == 32
+    assert composed(f"experiment={experiment}", "general_distill.max_sequences=100").general_distill.max_sequences == 100
+    # Other recipes keep the scale's budget.
+    assert composed("experiment=tinybert").general_distill.max_sequences == 16000
+
+
+@pytest.mark.parametrize("experiment", ["bilstm", "bilstm_sst2"])
+def test_bilstm_augments_a_smaller_sample_at_cpu_scale(experiment: str) -> None:
+    assert composed(f"experiment={experiment}").augment.max_examples == 4000
+    assert composed(f"experiment={experiment}", "augment.max_examples=12000").augment.max_examples == 12000
+    assert composed("experiment=tinybert_sst2").augment.max_examples == 12000
+
+
 def test_every_ablation_belongs_to_some_recipe_and_every_listed_one_exists() -> None:
     files = {path.stem for path in (CONF / "ablation").glob("*.yaml")}
     listed = set()
