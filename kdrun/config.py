@@ -26,6 +26,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from kdrun.recipes import register_aliases
 
 
+# The training loops a table compares across seeds take their seed from the run's ``seed``
+# (KdrunConfig.seed): both task-distillation steps and Q-BERT's fine-tuning.
+RUN_SEED: Any = "${seed}"
+
+
 @dataclass
 class TaskConfig:
     """Which GLUE task (see ``kdrun/data/tasks.py`` for the list)."""
@@ -177,7 +182,7 @@ class QuantizeConfig:
     finetune: bool = True
     # Fine-tune towards the full-precision model's logits (soft cross-entropy) instead of the labels.
     distill_from_full_precision: bool = False
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, learning_rate=2e-5))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0, learning_rate=2e-5, seed=RUN_SEED))
     hessian: HessianConfig = field(default_factory=HessianConfig)
     keep_best: bool = True
 
@@ -280,7 +285,7 @@ class FitMlmHeadConfig:
 @dataclass
 class DistillStepConfig:
     enabled: bool = True
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(seed=RUN_SEED))
 
 
 @dataclass
@@ -403,6 +408,11 @@ class KdrunConfig:
     recipe: Optional[str] = None
     # Which row of an ablation table this run is (conf/ablation); ``none`` = the full recipe.
     ablation: str = "none"
+    # The seed of the model a row of a table is about: both task-distillation steps and Q-BERT's
+    # fine-tuning (the teacher recipe: its fine-tuning). The teacher, the augmented data and the general
+    # student keep their own seeds, so the seeds of a row share them (and their cache entries):
+    # ``kdrun -m experiment=tinybert_sst2 seed=1,2,3``. A loop's own ``train.seed`` still wins.
+    seed: int = 42
     # The ablations that apply to the recipe (its file lists them; empty = any): kdrun.recipes checks them.
     ablations: list[str] = field(default_factory=list)
     scale: str = MISSING

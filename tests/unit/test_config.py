@@ -93,6 +93,31 @@ def test_keys_follow_exactly_what_a_stage_reads() -> None:
 
 
 
+def test_seed_is_the_seed_of_the_model_a_row_is_about() -> None:
+    tinybert = compose_config("experiment=tinybert_sst2", "seed=3")
+    assert tinybert.task_distill.intermediate.train.seed == tinybert.task_distill.prediction.train.seed == 3
+    # What the seeds of a row share keeps its own seed.
+    assert tinybert.finetune_teacher.train.seed == tinybert.general_distill.train.seed == 42
+    assert tinybert.augment.seed == 0
+    assert compose_config("experiment=qbert_sst2", "seed=3").quantize.train.seed == 3
+    assert compose_config("experiment=teacher_sst2", "seed=3").finetune_teacher.train.seed == 3
+    # A loop's own seed on the command line still wins.
+    own = compose_config("experiment=tinybert_sst2", "seed=3", "task_distill.prediction.train.seed=7")
+    assert (own.task_distill.intermediate.train.seed, own.task_distill.prediction.train.seed) == (3, 7)
+
+
+def test_seed_keys_the_stages_it_seeds_and_only_those() -> None:
+    """``seed=S`` is the same run as setting both task-distillation seeds to S (the same cache entries), and
+    the default is 42, the seed every loop had before ``seed`` existed."""
+    keys = lambda *o: {s.stage.name: s.key for s in plan(compose_config("experiment=tinybert_sst2", *o))}  # noqa: E731
+    by_seed = keys("seed=1")
+    assert by_seed == keys("task_distill.intermediate.train.seed=1", "task_distill.prediction.train.seed=1")
+    default = keys()
+    assert default == keys("task_distill.intermediate.train.seed=42", "task_distill.prediction.train.seed=42")
+    changed = {name for name in default if default[name] != by_seed[name]}
+    assert changed == {"task_distill", "evaluate"}
+
+
 def test_augmentation_copies_follow_each_paper_per_task_unless_set() -> None:
     from kdrun.stages.augment import _tang_settings, _tinybert_settings
 
