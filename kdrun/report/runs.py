@@ -29,6 +29,12 @@ def field_value(record: dict[str, Any], path: str) -> Any:
     return value
 
 
+def launch_order(path: Path | str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key putting a sweep's job directories in the order Hydra launched them (``2`` before ``10``), so
+    that a table's rows keep the order of its sweep's rows; other names sort as text."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in Path(path).parts)
+
+
 def find_results(paths: Iterable[Path]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
@@ -36,7 +42,7 @@ def find_results(paths: Iterable[Path]) -> list[Path]:
         if path.is_file() and path.name == RESULTS_FILE:
             found.append(path)
         elif path.is_dir():
-            found.extend(sorted(path.rglob(RESULTS_FILE)))
+            found.extend(sorted(path.rglob(RESULTS_FILE), key=launch_order))
         else:
             raise ReportError(f"{path} is neither a run/sweep directory nor a {RESULTS_FILE} file.")
     return found
@@ -71,7 +77,7 @@ def sweep_jobs(sweep_dir: Path, runs: Sequence[dict[str, Any]]) -> list[str]:
     """The job directories of a sweep: where Hydra saved a job's config (``.hydra/``, written before the job
     runs) or that hold a results.json. ``runs`` are the sweep's loaded runs (:func:`load_runs`)."""
     started = {str(path.parent.parent) for path in sweep_dir.rglob(".hydra/config.yaml")}
-    return sorted(started | {run["_path"] for run in runs})
+    return sorted(started | {run["_path"] for run in runs}, key=launch_order)
 
 
 def failed_jobs(sweep_dir: Path, runs: Sequence[dict[str, Any]]) -> dict[str, str]:

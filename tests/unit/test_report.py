@@ -71,6 +71,17 @@ def test_table_aggregates_seeds_and_places_published_numbers(sweep: Path, refere
     ]
 
 
+def test_rows_keep_the_order_the_sweep_launched_them_in(tmp_path: Path) -> None:
+    """Job 10 comes after job 9, not after job 1: with twelve jobs, text order put the last row second."""
+    root = tmp_path / "sweep"
+    rows = ["g1", "g12", "g128", "grow"]
+    for job in range(12):
+        write_run(root, str(job), rows[job // 3], "sst2", 0.8, seed=job % 3)
+    runs = load_runs([root])
+    assert [Path(run["_path"]).name for run in runs] == [str(job) for job in range(12)]
+    assert build_table(runs, {}).rows == rows
+
+
 def test_markdown_latex_and_csv_files(sweep: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     written = write_report(load_runs([sweep]), out, {"reference": str(reference)})
