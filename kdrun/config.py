@@ -27,7 +27,8 @@ from kdrun.recipes import register_aliases
 
 
 # The training loops a table compares across seeds take their seed from the run's ``seed``
-# (KdrunConfig.seed): both task-distillation steps and Q-BERT's fine-tuning.
+# (KdrunConfig.seed): both task-distillation steps and Q-BERT's fine-tuning (conf/experiment/teacher.yaml
+# adds the teacher's fine-tuning, the teacher recipe's own model).
 RUN_SEED: Any = "${seed}"
 
 
