@@ -14,24 +14,33 @@ It reads, under ``docs/measurements``:
   ``note.md`` (the commands, wall times and conditions).
 
 Add a run with ``python -m kdrun.report.docs --add outputs/runs/<experiment>/<id> --name <name>`` (copies its
-results.json), then render again. Rendering is deterministic: the same records give the same page.
+results.json) and a finished sweep with ``--add-table outputs/multirun/<name>/<id> --name <name>`` (its table, and
+a note with the command, wall time and machine read from the sweep), then render again. Rendering is
+deterministic: the same records give the same page.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from kdrun.report.runs import find_results, is_failed, load_runs
+from kdrun.report.tables import build_table, to_markdown, write_csv
 from kdrun.results import RESULTS_FILE
 
 RUNS_DIR = "runs"
 RESUME_MATRIX = "resume_matrix.json"
 TABLES_DIR = "tables"
 LATENCY_PREFIX = "latency_ms_bs"
+SWEEP_CONFIG = "multirun.yaml"  # Hydra writes it into the sweep directory before the first job starts
 
 
 def _command(record: dict[str, Any]) -> str:
@@ -184,7 +193,9 @@ def render(measurements: Path) -> str:
     parts = [
         "# Results", "",
         "Rendered by `python -m kdrun.report.docs` from the records in `docs/measurements/` (do not edit by hand).",
-        "Machine: 2 CPU cores (Intel Xeon: AMX-BF16/INT8, AVX512-BF16/VNNI), no GPU. Earlier versions' numbers: [notebook.md](notebook.md).",
+        "Machines: 2 CPU cores, no GPU. The run records ran on CPUs that multiply bf16 natively (AVX512-BF16/AMX; bf16 by",
+        "default, as their precision column says); each table's note names the machine and precision it ran with. Earlier versions' numbers:",
+        "[notebook.md](notebook.md).",
         "",
     ]
     parts += runs_section(records) if records else []
@@ -206,15 +217,82 @@ def add_run(measurements: Path, run_dir: Path, name: str) -> Path:
     return target
 
 
+def sweep_command(sweep_dir: Path) -> str:
+    """The command line that started the sweep, rebuilt from the overrides Hydra saved in its multirun.yaml."""
+    config_file = sweep_dir / SWEEP_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{sweep_dir} holds no {SWEEP_CONFIG}: pass the directory of a `kdrun -m` sweep.")
+    overrides = (yaml.safe_load(config_file.read_text()).get("hydra") or {}).get("overrides") or {}
+    where = ("hydra.mode=", "hydra.sweep.dir=")  # how the sweep was started and where it wrote, not what it ran
+    hydra_overrides = [o for o in overrides.get("hydra") or [] if not o.startswith(where)]
+    return "kdrun " + " ".join(hydra_overrides + list(overrides.get("task") or []))
+
+
+def sweep_wall_seconds(sweep_dir: Path) -> float:
+    """From the sweep's start (its multirun.yaml) to its last job's results.json: the table's wall time."""
+    start = (sweep_dir / SWEEP_CONFIG).stat().st_mtime
+    return max(path.stat().st_mtime for path in find_results([sweep_dir])) - start
+
+
+def machine_description(runs: list[dict[str, Any]]) -> str:
+    """This machine (where a sweep is recorded, right after it ran) and the precision the runs trained in."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.is_file() else []
+    cpu = models[0] if models else (platform.processor() or platform.machine())
+    precisions = sorted({str(run["precision"]) for run in runs if run.get("precision")})
+    try:
+        from importlib.metadata import version
+
+        torch = f", torch {version('torch')}"
+    except Exception:  # noqa: BLE001 - the description is informative only
+        torch = ""
+    from kdrun.precision import cpu_native_bf16
+
+    native, feature = cpu_native_bf16()
+    bf16 = f"bf16 native ({feature})" if native else f"no native bf16 ({feature})"
+    return f"{cpu}, {os.cpu_count()} cores, {bf16}{torch}; trained in {', '.join(precisions) or 'unrecorded precision'}"
+
+
+def add_table(measurements: Path, sweep_dir: Path, name: str, note: str = "", wall_seconds: float | None = None) -> Path:
+    """Store the table over ``sweep_dir``'s runs as ``tables/<name>``: summary.md/.csv as the sweep renders
+    them, and a note.md that says how it was made (command, jobs, wall time, machine, constant predictors)
+    before ``note``. A sweep with a failed job is refused: rerun its command (finished jobs are cache hits)."""
+    runs = load_runs([sweep_dir])
+    if not runs:
+        raise FileNotFoundError(f"{sweep_dir} holds no {RESULTS_FILE}: pass the directory of a finished sweep.")
+    failed = [run["_path"] for run in runs if is_failed(run)]
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(runs)} jobs under {sweep_dir} failed ({', '.join(failed)}): "
+                         "run the sweep's command again (finished jobs are cache hits), then add it.")
+    command = sweep_command(sweep_dir)
+    seconds = sweep_wall_seconds(sweep_dir) if wall_seconds is None else wall_seconds
+    one_class = sum(bool(run.get("predicts_one_class")) for run in runs)
+    constant = f"{one_class} of {len(runs)} runs predict one class (†)" if one_class else "no run is a constant predictor"
+    target = measurements / TABLES_DIR / name
+    target.mkdir(parents=True, exist_ok=True)
+    table = build_table(runs)
+    (target / "summary.md").write_text(to_markdown(table))
+    write_csv(table, target / "summary.csv")
+    lines = [f"`{command}`: {len(runs)} jobs, {seconds / 60:.1f} min wall; {constant}.",
+             f"Machine: {machine_description(runs)}."]
+    (target / NOTE_FILE).write_text("\n".join(lines + ([note.strip()] if note.strip() else [])) + "\n")
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measurements", type=Path, default=Path("docs/measurements"))
     parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
     parser.add_argument("--add", type=Path, help="a run directory whose results.json to store first")
-    parser.add_argument("--name", help="the record's name (with --add)")
+    parser.add_argument("--add-table", type=Path, help="a finished sweep directory whose table to store first")
+    parser.add_argument("--name", help="the record's name (with --add or --add-table)")
+    parser.add_argument("--note", default="", help="what the table shows, after the generated lines of its note (with --add-table)")
     args = parser.parse_args(argv)
     if args.add:
         add_run(args.measurements, args.add, args.name or args.add.name)
+    if args.add_table:
+        add_table(args.measurements, args.add_table, args.name or args.add_table.name, args.note)
     args.out.write_text(render(args.measurements))
     print(f"Wrote {args.out}")
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from kdrun.report.docs import add_run, main, render
+from kdrun.report.docs import add_run, add_table, main, render
 
 RECORD = {
     "status": "ok", "recipe": "teacher", "task": "sst2", "main_metric": "accuracy", "main_score": 0.8911,
@@ -70,3 +73,68 @@ def test_a_stored_table_over_seeds_is_a_section_with_its_note(measurements: Path
     section = page[page.index("## Tables over seeds"):]
     assert section.index("### tang1_sst2") < section.index("21 min.") < section.index("| bilstm | 85.10 ± 0.30 (n=3) |")
     assert "# accuracy by recipe" not in page and page.index("## Runs") < page.index("## Tables over seeds") < page.index("## Deployment")
+
+
+def make_sweep(root: Path, scores: list[float], failed: bool = False) -> Path:
+    """A finished 'kdrun -m' sweep as Hydra and kdrun leave it: multirun.yaml, then one results.json per job."""
+    root.mkdir(parents=True)
+    overrides = {"hydra": ["hydra.mode=MULTIRUN", "hydra/launcher=joblib", f"hydra.sweep.dir={root}"], "task": ["+table=qbert1", "seed=1,2,3"]}
+    (root / "multirun.yaml").write_text(json.dumps({"hydra": {"overrides": overrides}}))  # JSON is YAML
+    os.utime(root / "multirun.yaml", (1_000_000, 1_000_000))
+    for job, score in enumerate(scores):
+        record = {**RECORD, "ablation": "qbert_w4", "main_score": score, "predicts_one_class": job == 0,
+                  "report": {"rows": "ablation", "columns": "task", "metric": "main_score", "scale": 100.0}}
+        if failed and job == len(scores) - 1:
+            record = {"status": "failed", "ablation": "qbert_w4", "task": "sst2", "error": "boom"}
+        (root / str(job)).mkdir()
+        (root / str(job) / "results.json").write_text(json.dumps(record))
+        os.utime(root / str(job) / "results.json", (1_000_000 + 600 * (job + 1),) * 2)
+    return root
+
+
+def test_a_sweep_is_stored_as_a_table_with_its_command_wall_time_and_machine(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path / "sweep", [0.80, 0.82, 0.84])
+    target = add_table(tmp_path / "m", sweep, "qbert1_sst2_seeds", note="What it shows.")
+    note = (target / "note.md").read_text().splitlines()
+    # hydra.mode and the sweep directory say how and where, not what: the command leaves them out
+    assert note[0] == "`kdrun hydra/launcher=joblib +table=qbert1 seed=1,2,3`: 3 jobs, 30.0 min wall; 1 of 3 runs predict one class (†)."
+    assert note[1].startswith("Machine: ") and note[1].endswith("trained in bf16.")
+    assert note[2] == "What it shows."
+    assert "| qbert_w4 | 82.00 ± 2.00 † | 22.71 |" in (target / "summary.md").read_text()
+    assert (target / "summary.csv").is_file() and not list(target.glob("*.png"))
+    page = render(tmp_path / "m")
+    assert "### qbert1_sst2_seeds" in page and "30.0 min wall" in page
+    # the wall time this script measured wins over the files' times
+    assert "12.5 min wall" in (add_table(tmp_path / "m", sweep, "x", wall_seconds=750.0) / "note.md").read_text()
+
+
+def test_a_sweep_with_a_failed_job_or_without_its_config_is_not_stored(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="1 of 3 jobs .* failed .* run the sweep's command again"):
+        add_table(tmp_path / "m", make_sweep(tmp_path / "bad", [0.8, 0.8, 0.8], failed=True), "x")
+    assert not (tmp_path / "m").exists()
+    sweep = make_sweep(tmp_path / "ok", [0.8])
+    (sweep / "multirun.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match="holds no multirun.yaml"):
+        add_table(tmp_path / "m", sweep, "x")
+
+
+def load_reproduce_script():
+    path = Path(__file__).resolve().parents[2] / "scripts" / "reproduce_table.py"
+    spec = importlib.util.spec_from_file_location("reproduce_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_reproduced_table_is_a_sweep_config_and_its_command_is_the_cpu_sweep(tmp_path: Path, capsys) -> None:
+    script = load_reproduce_script()
+    tables = Path(__file__).resolve().parents[2] / "conf" / "table"
+    assert all((tables / f"{spec.table}.yaml").is_file() for spec in script.TABLES.values())
+    command = script.sweep_command(script.TABLES["tinybert3_sst2"], "1,2,3", 2, ["foo=1"], tmp_path)
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert command == ["kdrun", "+table=tinybert3", "scale=cpu", "seed=1,2,3", "task=sst2",
+                       "task_distill.intermediate.train.max_steps=3000", "task_distill.prediction.train.max_steps=2000",
+                       "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"device.threads={threads}", f"hydra.sweep.dir={tmp_path}", "foo=1"]
+    assert script.main(["qbert1_sst2", "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("kdrun +table=qbert1 scale=cpu seed=1,2,3 task=sst2 device.threads=")
