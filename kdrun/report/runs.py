@@ -103,13 +103,15 @@ def load_reference(name: str | None) -> dict[str, Any] | None:
     tables = [_reference_file(part.strip()) for part in name.split(",")]
     if len(tables) == 1:
         return tables[0]
-    merged: dict[str, Any] = {"source": _merged_source([t.get("source", "?") for t in tables]), "split": tables[0].get("split"), "rows": {}, "task_columns": {}}
+    merged: dict[str, Any] = {"source": _merged_source([t.get("source", "?") for t in tables]), "split": tables[0].get("split"), "rows": {}, "task_columns": {}, "aliases": {}}
     for table in tables:
         for row, values in (table.get("rows") or {}).items():
             for column, value in values.items():  # cell by cell: the first table that prints a cell wins
                 merged["rows"].setdefault(row, {}).setdefault(column, value)
         for task, column in (table.get("task_columns") or {}).items():
             merged["task_columns"].setdefault(task, column)
+        for ours, theirs in (table.get("aliases") or {}).items():
+            merged["aliases"].setdefault(ours, theirs)
     return merged
 
 

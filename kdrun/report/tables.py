@@ -242,7 +242,10 @@ def _first_field(run: dict[str, Any], paths: Sequence[str]) -> float | None:
 def _published(reference: dict[str, Any] | None, row: str, column: str) -> float | None:
     if not reference:
         return None
-    values = (reference.get("rows") or {}).get(row) or {}
+    rows = reference.get("rows") or {}
+    # A row kdrun names otherwise than the paper (the recipe `tinybert`, whose default student is the paper's
+    # `tinybert4`; DistilBERT's `teacher`, printed as `bert_base`): the reference's aliases map ours to its.
+    values = rows.get(row) or rows.get((reference.get("aliases") or {}).get(row, row)) or {}
     # A run's column is a task (mnli); a paper may print several numbers for it (MNLI-m/mm):
     # task_columns names the one the task's main metric is compared with.
     key = reference.get("compare_column") or (reference.get("task_columns") or {}).get(column, column)

@@ -212,3 +212,22 @@ def test_curves_draw_scores_not_counts_or_losses() -> None:
     assert score_metrics(mlm_head) == ["eval_masked_token_accuracy"]
     cola = [{"step": 1, "loss": 0.7}, {"step": 2, "eval_mcc": -0.05}, {"step": 3, "eval_mcc": 0.31}]
     assert score_metrics(cola) == ["eval_mcc"]
+
+
+def test_rows_named_by_recipe_find_the_papers_row_through_the_references_aliases(tmp_path: Path) -> None:
+    """rows=recipe names TinyBERT-4 `tinybert` and DistilBERT's teacher `teacher`; the papers print them as
+    `tinybert4` and `bert_base`. Without the aliases those cells had no published number."""
+    for name, recipe, task in (("0", "tinybert", "sst2"), ("1", "teacher", "sst2"), ("2", "distilbert", "sst2")):
+        write_run(tmp_path, name, "none", task, 0.86)
+        record = json.loads((tmp_path / name / "results.json").read_text())
+        record["recipe"] = recipe
+        (tmp_path / name / "results.json").write_text(json.dumps(record))
+    tinybert = build_table(load_runs([tmp_path]), {"rows": "recipe", "reference": "tinybert_table1"})
+    assert tinybert.cells[("tinybert", "sst2")].published == 92.6 and tinybert.cells[("teacher", "sst2")].published == 93.4
+    distilbert = build_table(load_runs([tmp_path]), {"rows": "recipe", "reference": "distilbert_table1"})
+    bert_base = load_reference("distilbert_table1")["rows"]["bert_base"]["sst2"]
+    assert distilbert.cells[("teacher", "sst2")].published == bert_base
+    assert distilbert.cells[("distilbert", "sst2")].published == load_reference("distilbert_table1")["rows"]["distilbert"]["sst2"]
+    assert distilbert.cells[("tinybert", "sst2")].published is None  # no alias, no row: no number
+    merged = load_reference("tinybert_table1,distilbert_table1")
+    assert merged["aliases"] == {"tinybert": "tinybert4", "teacher": "bert_base"}
