@@ -14,6 +14,7 @@ and running it again resumes the sweep (finished jobs are cache hits).
 training); the teacher, the augmented data and the general-distillation students keep theirs, so a table's
 seeds share those cache entries. ``--parallel N`` runs N jobs at a time (Hydra's joblib launcher), each on
 cores / N threads: on 2 cores, 2 jobs of one thread finish a sweep of small models sooner than one job of two.
+Jobs side by side would time each other, so a parallel sweep measures no latency (its tables have none).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ TABLES: dict[str, TableRun] = {
 
 def sweep_command(spec: TableRun, seeds: str, parallel: int, extra: list[str], sweep_dir: Path) -> list[str]:
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={parallel}"] if parallel > 1 else []
+    # Jobs side by side time each other: their latencies would be no measurement, so they are not taken.
+    launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={parallel}", "evaluate.measure_latency=false"] if parallel > 1 else []
     return ["kdrun", f"+table={spec.table}", "scale=cpu", f"seed={seeds}", *spec.overrides, *launcher,
             f"device.threads={threads}", f"hydra.sweep.dir={sweep_dir}", *extra]
 

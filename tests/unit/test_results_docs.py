@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from kdrun.report.docs import add_run, add_table, main, render
 
@@ -135,6 +136,29 @@ def test_every_reproduced_table_is_a_sweep_config_and_its_command_is_the_cpu_swe
     threads = max(1, (os.cpu_count() or 1) // 2)
     assert command == ["kdrun", "+table=tinybert3", "scale=cpu", "seed=1,2,3", "task=sst2",
                        "task_distill.intermediate.train.max_steps=3000", "task_distill.prediction.train.max_steps=2000",
-                       "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"device.threads={threads}", f"hydra.sweep.dir={tmp_path}", "foo=1"]
+                       "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "evaluate.measure_latency=false", f"device.threads={threads}", f"hydra.sweep.dir={tmp_path}", "foo=1"]
     assert script.main(["qbert1_sst2", "--dry-run"]) == 0
     assert capsys.readouterr().out.startswith("kdrun +table=qbert1 scale=cpu seed=1,2,3 task=sst2 device.threads=")
+
+
+def test_every_job_of_every_reproduced_table_composes_with_its_cpu_budget() -> None:
+    """The script's overrides reach each job: every (experiment, ablation) of the table's sweep composes under
+    them at scale=cpu, and an override the script passes is the value the job runs with."""
+    from hydra import compose, initialize_config_dir
+
+    from kdrun.config import config_dir, register_configs
+    from kdrun.recipes import check_ablation
+
+    script = load_reproduce_script()
+    register_configs()
+    for name, spec in script.TABLES.items():
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            table = compose(config_name="config", overrides=[f"+table={spec.table}"], return_hydra_config=True)
+            params = dict(table.hydra.sweeper.params)
+            for experiment in params["experiment"].split(","):
+                for ablation in params.get("ablation", "none").split(","):
+                    cfg = compose(config_name="config", overrides=[f"experiment={experiment}", f"ablation={ablation}", "scale=cpu", "seed=1", *spec.overrides])
+                    check_ablation(cfg)
+                    for override in spec.overrides:
+                        key, value = override.split("=", 1)
+                        assert str(OmegaConf.select(cfg, key if key != "task" else "task.name")) == value, (name, experiment, ablation, override)
