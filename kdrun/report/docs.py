@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -40,6 +41,7 @@ RUNS_DIR = "runs"
 RESUME_MATRIX = "resume_matrix.json"
 TABLES_DIR = "tables"
 LATENCY_PREFIX = "latency_ms_bs"
+TIMED = re.compile(r"latency|speed-up")  # the table columns that time the model
 SWEEP_CONFIG = "multirun.yaml"  # Hydra writes it into the sweep directory before the first job starts
 
 
@@ -228,6 +230,13 @@ def sweep_command(sweep_dir: Path) -> str:
     return "kdrun " + " ".join(hydra_overrides + list(overrides.get("task") or []))
 
 
+def sweep_parallel_jobs(sweep_dir: Path) -> int:
+    """How many jobs the sweep's launcher ran at a time (Hydra's joblib launcher: ``n_jobs``; others: 1)."""
+    launcher = (yaml.safe_load((sweep_dir / SWEEP_CONFIG).read_text()).get("hydra") or {}).get("launcher") or {}
+    jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")) else 1
+    return jobs if isinstance(jobs, int) and jobs > 0 else (os.cpu_count() or 1)  # joblib: -1 or None = all cores
+
+
 def sweep_wall_seconds(sweep_dir: Path) -> float:
     """From the sweep's start (its multirun.yaml) to its last job's results.json: the table's wall time."""
     start = (sweep_dir / SWEEP_CONFIG).stat().st_mtime
@@ -269,12 +278,16 @@ def add_table(measurements: Path, sweep_dir: Path, name: str, note: str = "", wa
     seconds = sweep_wall_seconds(sweep_dir) if wall_seconds is None else wall_seconds
     one_class = sum(bool(run.get("predicts_one_class")) for run in runs)
     constant = f"{one_class} of {len(runs)} runs predict one class (†)" if one_class else "no run is a constant predictor"
+    parallel = sweep_parallel_jobs(sweep_dir)
     target = measurements / TABLES_DIR / name
     target.mkdir(parents=True, exist_ok=True)
     table = build_table(runs)
+    if parallel > 1:  # jobs side by side timed each other: their latencies and speed-ups are no measurement
+        table.extras = {column: values for column, values in table.extras.items() if not TIMED.search(column)}
     (target / "summary.md").write_text(to_markdown(table))
     write_csv(table, target / "summary.csv")
-    lines = [f"`{command}`: {len(runs)} jobs, {seconds / 60:.1f} min wall; {constant}.",
+    at_a_time = f" ({parallel} at a time, so no latencies)" if parallel > 1 else ""
+    lines = [f"`{command}`: {len(runs)} jobs{at_a_time}, {seconds / 60:.1f} min wall; {constant}.",
              f"Machine: {machine_description(runs)}."]
     (target / NOTE_FILE).write_text("\n".join(lines + ([note.strip()] if note.strip() else [])) + "\n")
     return target

@@ -80,10 +80,12 @@ def make_sweep(root: Path, scores: list[float], failed: bool = False) -> Path:
     """A finished 'kdrun -m' sweep as Hydra and kdrun leave it: multirun.yaml, then one results.json per job."""
     root.mkdir(parents=True)
     overrides = {"hydra": ["hydra.mode=MULTIRUN", "hydra/launcher=joblib", f"hydra.sweep.dir={root}"], "task": ["+table=qbert1", "seed=1,2,3"]}
-    (root / "multirun.yaml").write_text(json.dumps({"hydra": {"overrides": overrides}}))  # JSON is YAML
+    launcher = {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}
+    (root / "multirun.yaml").write_text(json.dumps({"hydra": {"overrides": overrides, "launcher": launcher}}))  # JSON is YAML
     os.utime(root / "multirun.yaml", (1_000_000, 1_000_000))
     for job, score in enumerate(scores):
         record = {**RECORD, "ablation": "qbert_w4", "main_score": score, "predicts_one_class": job == 0,
+                  "efficiency": {"parameters": 22713986, "latency_ms_bs1": 9.0},
                   "report": {"rows": "ablation", "columns": "task", "metric": "main_score", "scale": 100.0}}
         if failed and job == len(scores) - 1:
             record = {"status": "failed", "ablation": "qbert_w4", "task": "sst2", "error": "boom"}
@@ -98,15 +100,22 @@ def test_a_sweep_is_stored_as_a_table_with_its_command_wall_time_and_machine(tmp
     target = add_table(tmp_path / "m", sweep, "qbert1_sst2_seeds", note="What it shows.")
     note = (target / "note.md").read_text().splitlines()
     # hydra.mode and the sweep directory say how and where, not what: the command leaves them out
-    assert note[0] == "`kdrun hydra/launcher=joblib +table=qbert1 seed=1,2,3`: 3 jobs, 30.0 min wall; 1 of 3 runs predict one class (†)."
+    assert note[0] == "`kdrun hydra/launcher=joblib +table=qbert1 seed=1,2,3`: 3 jobs (2 at a time, so no latencies), 30.0 min wall; 1 of 3 runs predict one class (†)."
     assert note[1].startswith("Machine: ") and note[1].endswith("trained in bf16.")
     assert note[2] == "What it shows."
     assert "| qbert_w4 | 82.00 ± 2.00 † | 22.71 |" in (target / "summary.md").read_text()
     assert (target / "summary.csv").is_file() and not list(target.glob("*.png"))
+    # two jobs at a time timed each other: the stored table has no latency or speed-up column
+    assert "params (M)" in (target / "summary.md").read_text() and "latency" not in (target / "summary.md").read_text()
+    assert "speed-up" not in (target / "summary.md").read_text()
     page = render(tmp_path / "m")
     assert "### qbert1_sst2_seeds" in page and "30.0 min wall" in page
     # the wall time this script measured wins over the files' times
     assert "12.5 min wall" in (add_table(tmp_path / "m", sweep, "x", wall_seconds=750.0) / "note.md").read_text()
+    # one job at a time (Hydra's basic launcher): its latencies are measurements and stay
+    (sweep / "multirun.yaml").write_text(json.dumps({"hydra": {"overrides": {"task": ["+table=qbert1"]}, "launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}}}))
+    serial = add_table(tmp_path / "m", sweep, "serial", wall_seconds=60.0)
+    assert "latency bs1 (ms)" in (serial / "summary.md").read_text() and "at a time" not in (serial / "note.md").read_text()
 
 
 def test_a_sweep_with_a_failed_job_or_without_its_config_is_not_stored(tmp_path: Path) -> None:
