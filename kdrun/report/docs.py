@@ -219,12 +219,17 @@ def add_run(measurements: Path, run_dir: Path, name: str) -> Path:
     return target
 
 
-def sweep_command(sweep_dir: Path) -> str:
-    """The command line that started the sweep, rebuilt from the overrides Hydra saved in its multirun.yaml."""
+def sweep_hydra_config(sweep_dir: Path) -> dict[str, Any]:
+    """The ``hydra`` node Hydra saved in the sweep's multirun.yaml: its overrides and its launcher."""
     config_file = sweep_dir / SWEEP_CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{sweep_dir} holds no {SWEEP_CONFIG}: pass the directory of a `kdrun -m` sweep.")
-    overrides = (yaml.safe_load(config_file.read_text()).get("hydra") or {}).get("overrides") or {}
+    return yaml.safe_load(config_file.read_text()).get("hydra") or {}
+
+
+def sweep_command(sweep_dir: Path) -> str:
+    """The command line that started the sweep, rebuilt from the overrides Hydra saved in its multirun.yaml."""
+    overrides = sweep_hydra_config(sweep_dir).get("overrides") or {}
     where = ("hydra.mode=", "hydra.sweep.dir=")  # how the sweep was started and where it wrote, not what it ran
     hydra_overrides = [o for o in overrides.get("hydra") or [] if not o.startswith(where)]
     return "kdrun " + " ".join(hydra_overrides + list(overrides.get("task") or []))
@@ -232,7 +237,7 @@ def sweep_command(sweep_dir: Path) -> str:
 
 def sweep_parallel_jobs(sweep_dir: Path) -> int:
     """How many jobs the sweep's launcher ran at a time (Hydra's joblib launcher: ``n_jobs``; others: 1)."""
-    launcher = (yaml.safe_load((sweep_dir / SWEEP_CONFIG).read_text()).get("hydra") or {}).get("launcher") or {}
+    launcher = sweep_hydra_config(sweep_dir).get("launcher") or {}
     jobs = launcher.get("n_jobs") if "joblib" in str(launcher.get("_target_", "")) else 1
     return jobs if isinstance(jobs, int) and jobs > 0 else (os.cpu_count() or 1)  # joblib: -1 or None = all cores
 
