@@ -80,7 +80,8 @@ TABLES: dict[str, TableRun] = {
 }
 
 
-def sweep_command(spec: TableRun, seeds: str, parallel: int, extra: list[str], sweep_dir: Path) -> list[str]:
+def sweep_argv(spec: TableRun, seeds: str, parallel: int, extra: list[str], sweep_dir: Path) -> list[str]:
+    """The kdrun command line of the table's sweep (kdrun.report.docs.sweep_command reads one back from a sweep)."""
     threads = max(1, (os.cpu_count() or 1) // parallel)
     # Jobs side by side time each other: their latencies would be no measurement, so they are not taken.
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={parallel}", "evaluate.measure_latency=false"] if parallel > 1 else []
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep_dir = args.sweep_dir or (ROOT / "outputs" / "multirun" / record / time.strftime("%Y-%m-%d_%H-%M-%S"))
     wall_seconds = None  # recorded sweeps: read from the sweep directory
     if args.sweep_dir is None:
-        command = sweep_command(spec, args.seeds, args.parallel, args.extra, sweep_dir)
+        command = sweep_argv(spec, args.seeds, args.parallel, args.extra, sweep_dir)
         print(" ".join(command), flush=True)
         if args.dry_run:
             return 0

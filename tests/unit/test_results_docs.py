@@ -141,7 +141,7 @@ def test_every_reproduced_table_is_a_sweep_config_and_its_command_is_the_cpu_swe
     script = load_reproduce_script()
     tables = Path(__file__).resolve().parents[2] / "conf" / "table"
     assert all((tables / f"{spec.table}.yaml").is_file() for spec in script.TABLES.values())
-    command = script.sweep_command(script.TABLES["tinybert3_sst2"], "1,2,3", 2, ["foo=1"], tmp_path)
+    command = script.sweep_argv(script.TABLES["tinybert3_sst2"], "1,2,3", 2, ["foo=1"], tmp_path)
     threads = max(1, (os.cpu_count() or 1) // 2)
     assert command == ["kdrun", "+table=tinybert3", "scale=cpu", "seed=1,2,3", "task=sst2",
                        "task_distill.intermediate.train.max_steps=3000", "task_distill.prediction.train.max_steps=2000",
